@@ -1,0 +1,37 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP_QUIET := --quiet --disable-pip-version-check --no-warn-script-location
+
+.PHONY: install demo test test-fast lint type-check bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install $(PIP_QUIET) -c constraints.txt -e ".[dev]" > $(VENV)/install.log 2>&1 \
+		|| { grep -v "^WARNING: Location" $(VENV)/install.log; exit 1; }
+	$(PY) -c "import flows.cli, tasks.embed"  # fail here, not later, if the install is broken
+	touch $@
+
+demo: install
+	$(PY) -m flows.demo
+
+test: install lint type-check
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check flows tasks tests bench
+	$(VENV)/bin/ruff format --check flows tasks tests bench
+
+type-check: install
+	$(VENV)/bin/mypy
+
+bench: install
+	$(PY) -m bench.bench_embed
+
+clean:
+	rm -rf demo-output demo-data .pytest_cache .mypy_cache .ruff_cache

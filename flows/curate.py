@@ -1,0 +1,180 @@
+"""The curate pipeline: discover -> check (+describe) -> dedup -> embed -> select -> export.
+
+Shards flow through check and embed as a stream (embedding of shard i overlaps the
+check of shard i+1), so model inputs waiting on disk stay bounded to the shards in
+flight. Every step but discover and export is cached by content identity; the report
+says how many shards each step took from the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+import uuid
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.futures import PrefectFuture
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from tasks.caching import CACHE_PREFIX, PIPELINE_VERSION, retry_if_transient
+from tasks.check import CheckedShard, check_shard
+from tasks.config import CurateConfig
+from tasks.dedup import dedup
+from tasks.device import default_input_size, pick_device
+from tasks.discover import Discovery, discover, load_patterns
+from tasks.embed import EmbeddedShard, check_model_name, embed_shard, resolve_weights
+from tasks.errors import CurateError
+from tasks.export import RunSummary, StepStats, export
+from tasks.select import select_samples
+from tasks.storage import LocalStorage, Storage, open_storage
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def package_versions() -> dict[str, str]:
+    names = ("prefect", "torch", "timm", "numpy", "pillow", "pandas", "pandera", "pydantic")
+    return {"python": platform.python_version(), "pipeline": PIPELINE_VERSION} | {
+        name: version(name) for name in names
+    }
+
+
+def num_workers(setting: int) -> int:
+    return os.cpu_count() or 1 if setting == -1 else max(1, setting)
+
+
+def _result_storage(output: Storage) -> Path:
+    """Prefect's cache records live next to the artifacts they point to, so deleting the
+    output deletes both, and a cache hit never points at a missing file."""
+    if not isinstance(output, LocalStorage):
+        raise CurateError(f"output {output.url}: only local outputs are supported yet")
+    return output.root / CACHE_PREFIX / "results"
+
+
+@task(name="discover", retries=3, retry_delay_seconds=[1, 4, 16],
+      retry_condition_fn=retry_if_transient)
+def discover_task(config: CurateConfig) -> Discovery:
+    """Not cached: listing is how a run learns what is new."""
+    source, output = open_storage(config.input), open_storage(config.output)
+    patterns = None
+    if config.datasource.relevant_filenames_file:
+        patterns = load_patterns(config.datasource.relevant_filenames_file, source)
+    return discover(source, output, config.shard_size, patterns)
+
+
+def preflight(config: CurateConfig) -> None:
+    """Fail fast, with one line naming the key or URL, before any Prefect run starts."""
+    _result_storage(open_storage(config.output))
+    source = open_storage(config.input)
+    if next(iter(source.list()), None) is None:
+        raise CurateError(f"input {config.input}: no objects found")
+    if config.datasource.relevant_filenames_file:
+        load_patterns(config.datasource.relevant_filenames_file, source)
+    pick_device(config.embedding.device)
+    check_model_name(config.embedding.model)
+    resolve_weights(config.embedding.checkpoint, config.embedding.pretrained, config.seed)
+
+
+def _collect(futures: list[PrefectFuture[Any]], stats: StepStats) -> list[Any]:
+    """Results in order, with this run's cost of the step added to `stats`."""
+    results = []
+    for future in futures:
+        result = future.result()
+        stats.shards += 1
+        if future.state.name == "Cached":
+            stats.cached_shards += 1
+        else:
+            stats.seconds += result.seconds
+            stats.bytes_read += result.bytes_read
+        results.append(result)
+    return results
+
+
+@flow(name="curate", task_runner=ThreadPoolTaskRunner(max_workers=4))  # type: ignore[arg-type]
+def curate(config: CurateConfig) -> str:
+    """Curate `config.input` into `config.output`; returns the run directory's URL."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    output = open_storage(config.output)
+    results = _result_storage(output)
+    device = pick_device(config.embedding.device)
+    input_size = config.embedding.input_size or default_input_size(device)
+    emb = config.embedding
+    weights = resolve_weights(emb.checkpoint, emb.pretrained, config.seed)
+    logger.info("embedding: %s on %s at %d px, weights: %s", emb.model, device, input_size,
+                weights.describe())
+    workers = num_workers(config.num_workers)
+    steps = {name: StepStats() for name in ("discover", "check", "dedup", "embed", "select")}
+
+    t = time.perf_counter()
+    found = discover_task(config)
+    steps["discover"] = StepStats(seconds=time.perf_counter() - t, shards=len(found.shards))
+    logger.info("discovered %d images in %d shards (%d other objects skipped)",
+                found.discovered, len(found.shards), found.skipped)
+
+    check = check_shard.with_options(result_storage=results)
+    embed = embed_shard.with_options(result_storage=results)
+    check_futures, embed_futures = [], []
+    for shard in found.shards:
+        checked = check.submit(
+            shard, config.input, config.output, config.corruptness_check.max_image_pixels,
+            config.enable_corruptness_check, input_size, workers,
+        )
+        check_futures.append(checked)
+        embed_futures.append(embed.submit(
+            checked, config.input, config.output, emb.model, weights, emb.checkpoint,
+            input_size, str(device), emb.batch_size, workers,
+        ))
+    checked_shards: list[CheckedShard] = _collect(check_futures, steps["check"])
+
+    duplicates_key = None
+    if config.remove_exact_duplicates:
+        t = time.perf_counter()
+        dedup_future = dedup.with_options(result_storage=results).submit(
+            checked_shards, config.output
+        )
+        duplicates_key = dedup_future.result()
+        _count_single(steps["dedup"], dedup_future, time.perf_counter() - t)
+    embedded: list[EmbeddedShard] = _collect(embed_futures, steps["embed"])
+
+    t = time.perf_counter()
+    select_future = select_samples.with_options(result_storage=results).submit(
+        checked_shards, embedded, duplicates_key, config.output, config.selection.strategy,
+        config.stopping_condition, config.seed, str(device),
+    )
+    selected = json.loads(output.read(select_future.result()))
+    _count_single(steps["select"], select_future, time.perf_counter() - t)
+    for name, stats in steps.items():
+        logger.info("step %s: %d/%d shards from cache, %.2f s, %d bytes read", name,
+                    stats.cached_shards, stats.shards, stats.seconds, stats.bytes_read)
+
+    duplicates = json.loads(output.read(duplicates_key)) if duplicates_key else {}
+    summary = RunSummary(
+        run_id=new_run_id(),
+        config=config.model_dump(mode="json"),
+        discovered=found.discovered,
+        skipped=found.skipped,
+        dataset_bytes=found.total_bytes,
+        steps=steps,
+        embedding={"model": emb.model, "weights": weights.describe(),
+                   "input_size": input_size, "device": str(device)},
+        versions=package_versions(),
+    )
+    run_dir = export(output, summary, checked_shards, embedded, duplicates, selected, started)
+    logger.info("run written to %s", run_dir)
+    return run_dir
+
+
+def _count_single(stats: StepStats, future: PrefectFuture[Any], seconds: float) -> None:
+    stats.shards = 1
+    if future.state.name == "Cached":
+        stats.cached_shards = 1
+    else:
+        stats.seconds = seconds

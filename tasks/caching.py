@@ -1,0 +1,97 @@
+"""Cache keys are content identity.
+
+A step's key is the identity of the objects it reads (key, size, version), its own
+settings and `PIPELINE_VERSION`. Prefect's `TASK_SOURCE` policy hashes only a task's own
+text, not the helpers it calls, so the version constant is bumped whenever step logic
+changes. Artifacts (Parquet, .npy) live in the output location under the same key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+
+from prefect import Task, task
+from prefect.tasks import exponential_backoff
+from pydantic import BaseModel
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+PIPELINE_VERSION = "1"
+
+CACHE_PREFIX = "cache"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    raise TypeError(f"cannot hash {type(value).__name__} into a cache key")
+
+
+def content_key(step: str, **parts: Any) -> str:
+    """A stable hex digest of a step name, the pipeline version and JSON-able parts."""
+    payload = json.dumps(
+        {"step": step, "version": PIPELINE_VERSION, **parts}, sort_keys=True, default=_plain
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def artifact_key(step: str, key: str, suffix: str) -> str:
+    """Where a step keeps the artifact for a cache key, relative to the output root."""
+    return f"{CACHE_PREFIX}/{step}/{key}{suffix}"
+
+
+# Parameters that change how fast a step runs, not what it computes.
+NOT_IDENTITY = frozenset({"num_workers", "batch_size"})
+
+
+def step_key(step: str, parameters: dict[str, Any]) -> str:
+    """The cache key of a step run: also names its artifacts."""
+    return content_key(step, **{k: v for k, v in parameters.items() if k not in NOT_IDENTITY})
+
+
+def task_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Prefect `cache_key_fn`."""
+    return step_key(context.task.name, parameters)
+
+
+# Failures worth a retry: the network or the file system hiccuped. A missing object, a
+# permission problem or a user error will fail the same way again.
+_PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, (OSError, ConnectionError, TimeoutError)) and not isinstance(
+        exc, _PERMANENT_OS_ERRORS
+    )
+
+
+def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn`."""
+    try:
+        state.result()
+    except Exception as exc:
+        return is_transient(exc)
+    return False
+
+
+def cached_step(name: str, retries: int = 3) -> Callable[[Callable[P, R]], Task[P, R]]:
+    """A pipeline step as a Prefect task: content-identity cache, persisted result,
+    retries with backoff and jitter for transient failures only."""
+    return task(  # type: ignore[return-value]
+        name=name,
+        cache_key_fn=task_cache_key,
+        persist_result=True,
+        retries=retries,
+        retry_delay_seconds=exponential_backoff(backoff_factor=1),
+        retry_jitter_factor=0.5,
+        retry_condition_fn=retry_if_transient,
+    )

@@ -1,0 +1,208 @@
+"""The one config model: the flow's parameter, the YAML file's schema, the CLI's target.
+
+Validation happens here, once, at the edge. Every error names the dotted key it is about;
+an unknown key suggests the closest known one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tasks.errors import CurateError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Datasource(_Section):
+    relevant_filenames_file: str | None = Field(
+        None,
+        description="A file of names and `dir/*` patterns restricting the input; lines "
+        "starting with `!` exclude (gitignore-style). Relative paths are read from the "
+        "input location.",
+    )
+
+
+class CorruptnessCheck(_Section):
+    max_image_pixels: int = Field(
+        178_956_970,
+        gt=0,
+        description="Images with more pixels are flagged as decompression bombs "
+        "(Pillow's own hard limit by default).",
+    )
+
+
+class StoppingCondition(_Section):
+    n_samples: int | None = Field(None, gt=0, description="How many samples to select.")
+    proportion_samples: float | None = Field(
+        None, gt=0, le=1, description="Fraction of the processed samples to select."
+    )
+    min_distance: float | None = Field(
+        None,
+        ge=0,
+        description="Stop when the next pick is closer than this (cosine distance) to "
+        "the selected set.",
+    )
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> StoppingCondition:
+        if self.n_samples is not None and self.proportion_samples is not None:
+            raise ValueError("set n_samples or proportion_samples, not both")
+        return self
+
+
+class Embedding(_Section):
+    model: str = Field("resnet18", description="A timm model name.")
+    input_size: int | None = Field(
+        None,
+        gt=7,
+        le=1024,
+        description="Square model input in pixels; default 224 on a GPU, 64 on a CPU. "
+        "Model inputs are made during the corruptness check's single read, so "
+        "changing this redoes that step too.",
+    )
+    batch_size: int = Field(64, gt=0, le=4096)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    checkpoint: str | None = Field(
+        None, description="A local .safetensors or .pth file with the backbone's weights."
+    )
+    pretrained: bool = Field(
+        False, description="Download timm's pretrained weights (needs internet)."
+    )
+
+    @model_validator(mode="after")
+    def _one_weight_source(self) -> Embedding:
+        if self.checkpoint and self.pretrained:
+            raise ValueError("set checkpoint or pretrained, not both")
+        return self
+
+
+class Selection(_Section):
+    strategy: Literal["typical_coverage", "kcenter", "random"] = Field(
+        "typical_coverage",
+        description="typical_coverage: farthest-point coverage weighted by local "
+        "density (beats random at small budgets); kcenter: pure coreset; random.",
+    )
+
+
+class CurateConfig(_Section):
+    """A curation run: where to read, where to write, what to select."""
+
+    input: str = Field(description="Folder, file://, s3://, gs:// or az:// URL.")
+    output: str = Field(description="Where runs, reports and the datapool go.")
+    datasource: Datasource = Datasource()
+    enable_corruptness_check: bool = Field(
+        True,
+        description="Decode every image fully and flag failures; when false, JPEGs are "
+        "decoded at reduced size (faster) and only unreadable files are flagged.",
+    )
+    corruptness_check: CorruptnessCheck = CorruptnessCheck()
+    remove_exact_duplicates: bool = True
+    stopping_condition: StoppingCondition = StoppingCondition()
+    embedding: Embedding = Embedding()
+    selection: Selection = Selection()
+    shard_size: int = Field(2000, gt=0, description="Samples per Prefect task run.")
+    num_workers: int = Field(-1, ge=-1, description="Decode threads; -1: one per vCPU.")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _has_budget(self) -> CurateConfig:
+        s = self.stopping_condition
+        if s.n_samples is None and s.proportion_samples is None and s.min_distance is None:
+            raise ValueError(
+                "stopping_condition: set n_samples, proportion_samples or min_distance"
+            )
+        return self
+
+
+def known_keys(model: type[BaseModel] = CurateConfig, prefix: str = "") -> list[str]:
+    """Every dotted key the config accepts, sections included."""
+    keys = []
+    for name, field in model.model_fields.items():
+        key = prefix + name
+        keys.append(key)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(known_keys(annotation, key + "."))
+    return keys
+
+
+def _unknown_keys(data: dict[str, Any], model: type[BaseModel], prefix: str = "") -> list[str]:
+    unknown = []
+    for name, value in data.items():
+        key = prefix + str(name)
+        field = model.model_fields.get(str(name))
+        if field is None:
+            unknown.append(key)
+            continue
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if isinstance(value, dict):
+                unknown.extend(_unknown_keys(value, annotation, key + "."))
+    return unknown
+
+
+def _did_you_mean(key: str) -> str:
+    match = difflib.get_close_matches(key, known_keys(), n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def parse_config(data: dict[str, Any]) -> CurateConfig:
+    """Validate a nested dict; raise CurateError naming the first bad key."""
+    unknown = _unknown_keys(data, CurateConfig)
+    if unknown:
+        raise CurateError(f"config: unknown key '{unknown[0]}'{_did_you_mean(unknown[0])}")
+    try:
+        return CurateConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "config"
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            message = "required, e.g. " + (
+                "input=./photos" if key == "input" else f"{key}=..."
+            )
+        raise CurateError(f"config: {key}: {message}") from None
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set `a.b.c` in a nested dict, creating sections on the way."""
+    *sections, leaf = key.split(".")
+    node = data
+    for section in sections:
+        child = node.setdefault(section, {})
+        if not isinstance(child, dict):
+            raise CurateError(f"config: {section} is a value, not a section (in '{key}')")
+        node = child
+    node[leaf] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str]) -> CurateConfig:
+    """A YAML file (optional) plus `key=value` overrides, validated."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise CurateError(f"config file {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise CurateError(f"config file {path}: not valid YAML ({exc})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise CurateError(f"config file {path}: expected a mapping of keys")
+        data = loaded or {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise CurateError(f"argument '{item}': expected KEY=VALUE")
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError:
+            value = raw
+        set_dotted(data, key.strip(), value)
+    return parse_config(data)

@@ -1,0 +1,48 @@
+"""Dedup: drop exact copies before selection.
+
+Two samples are exact duplicates when their bytes are identical or their decoded pixels
+are (the same picture saved twice as PNG with other compression settings). The first
+by name is kept, so the result does not depend on listing order or sharding.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from tasks.caching import artifact_key, cached_step, step_key
+from tasks.check import CheckedShard
+from tasks.describe import read_parquet_bytes
+from tasks.storage import Storage, open_storage
+
+
+def find_duplicates(metadata: pd.DataFrame) -> dict[str, str]:
+    """Map each duplicate's name to the name of the copy that is kept."""
+    duplicates: dict[str, str] = {}
+    ordered = metadata.sort_values("filename", kind="stable")
+    for column in ("content_hash", "pixel_hash"):
+        remaining = ordered[~ordered["filename"].isin(duplicates.keys())]
+        kept = remaining.drop_duplicates(column, keep="first").set_index(column)["filename"]
+        for name, digest in zip(remaining["filename"], remaining[column], strict=True):
+            original = kept[digest]
+            if original != name:
+                duplicates[name] = original
+    return duplicates
+
+
+def load_metadata(storage: Storage, shards: list[CheckedShard]) -> pd.DataFrame:
+    frames = [read_parquet_bytes(storage.read(s.metadata)) for s in shards]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+@cached_step("dedup")
+def dedup(shards: list[CheckedShard], output_url: str) -> str:
+    """Find exact duplicates across all shards; returns the key of a JSON map
+    {duplicate: kept}."""
+    key = step_key("dedup", dict(locals()))
+    output = open_storage(output_url)
+    duplicates = find_duplicates(load_metadata(output, shards))
+    result_key = artifact_key("dedup", key, ".json")
+    output.write(result_key, json.dumps(duplicates, sort_keys=True, indent=0).encode())
+    return result_key

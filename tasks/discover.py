@@ -1,0 +1,163 @@
+"""Discover: list the input, keep the images, cut the list into shards.
+
+A shard is the unit of Prefect work: a few thousand objects whose identities are written
+to a manifest in the output location; Prefect only sees the manifest's key and the
+shard's content hash. Shard boundaries are content-defined (a boundary follows every key
+whose hash is 0 modulo the shard size), so a new object changes one shard, not every
+shard after it, and a rerun finds every other shard in the cache.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import posixpath
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from tasks.caching import artifact_key, content_key
+from tasks.errors import CurateError
+from tasks.storage import ObjectInfo, Storage, open_storage
+
+IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "bmp", "gif", "tif", "tiff", "webp"})
+
+# A shard is cut at a content-defined boundary, or at this multiple of the shard size so
+# that an unlucky run of keys cannot make one huge shard.
+MAX_SHARD_FACTOR = 4
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A reference to a manifest of objects; `identity` changes when any object does."""
+
+    index: int
+    identity: str
+    manifest: str  # key in the output storage
+    count: int
+    total_bytes: int
+
+
+def is_image(key: str) -> bool:
+    return posixpath.splitext(key)[1].lower().lstrip(".") in IMAGE_EXTENSIONS
+
+
+def parse_patterns(text: str) -> list[tuple[bool, str]]:
+    """`relevant_filenames_file` lines: (include?, glob). Blank lines and `#` are ignored."""
+    patterns = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        include = not line.startswith("!")
+        pattern = line.lstrip("!").strip().lstrip("/")
+        patterns.append((include, pattern))
+    return patterns
+
+
+def is_relevant(key: str, patterns: list[tuple[bool, str]]) -> bool:
+    """gitignore semantics: the last matching pattern decides; no match means excluded
+    when there are include patterns, included otherwise."""
+    decision = not any(include for include, _ in patterns)
+    for include, pattern in patterns:
+        if fnmatch.fnmatchcase(key, pattern):
+            decision = include
+    return decision
+
+
+def load_patterns(location: str, input_storage: Storage) -> list[tuple[bool, str]]:
+    """Read a relevant-filenames file from a URL/absolute path or the input location."""
+    try:
+        if "://" in location or location.startswith("/"):
+            parent, name = location.rstrip("/").rsplit("/", 1)
+            text = open_storage(parent or "/").read_text(name)
+        else:
+            text = input_storage.read_text(location)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CurateError(
+            f"datasource.relevant_filenames_file: cannot read {location} ({exc})"
+        ) from None
+    return parse_patterns(text)
+
+
+def _is_boundary(key: str, shard_size: int) -> bool:
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % shard_size == 0
+
+
+def cut_shards(objects: Iterable[ObjectInfo], shard_size: int) -> Iterator[list[ObjectInfo]]:
+    """Group objects, in order, at content-defined boundaries."""
+    current: list[ObjectInfo] = []
+    for obj in objects:
+        current.append(obj)
+        if _is_boundary(obj.key, shard_size) or len(current) >= shard_size * MAX_SHARD_FACTOR:
+            yield current
+            current = []
+    if current:
+        yield current
+
+
+def manifest_bytes(objects: list[ObjectInfo]) -> bytes:
+    return "".join(
+        json.dumps([o.key, o.size, o.version], separators=(",", ":")) + "\n" for o in objects
+    ).encode()
+
+
+def read_manifest(storage: Storage, key: str) -> list[ObjectInfo]:
+    lines = storage.read_text(key).splitlines()
+    return [ObjectInfo(*json.loads(line)) for line in lines if line]
+
+
+@dataclass(frozen=True)
+class Discovery:
+    shards: list[Shard]
+    discovered: int  # images found (after relevant-filename filtering)
+    skipped: int  # objects that are not images or not relevant
+    total_bytes: int
+
+
+def discover(
+    input_storage: Storage,
+    output_storage: Storage,
+    shard_size: int,
+    patterns: list[tuple[bool, str]] | None = None,
+) -> Discovery:
+    """List the input lazily, keep relevant images, and write one manifest per shard."""
+    skipped = 0
+
+    def images() -> Iterator[ObjectInfo]:
+        nonlocal skipped
+        for obj in input_storage.list():
+            if is_image(obj.key) and (patterns is None or is_relevant(obj.key, patterns)):
+                yield obj
+            else:
+                skipped += 1
+
+    shards = []
+    for index, objects in enumerate(cut_shards(images(), shard_size)):
+        data = manifest_bytes(objects)
+        identity = content_key("shard", input=input_storage.url, manifest=data.decode())
+        manifest = artifact_key("shards", identity, ".jsonl")
+        if not output_storage.exists(manifest):
+            output_storage.write(manifest, data)
+        shards.append(
+            Shard(
+                index=index,
+                identity=identity,
+                manifest=manifest,
+                count=len(objects),
+                total_bytes=sum(o.size for o in objects),
+            )
+        )
+    discovered = sum(s.count for s in shards)
+    if discovered == 0:
+        raise CurateError(
+            f"input {input_storage.url}: no images found "
+            f"({', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    return Discovery(
+        shards=shards,
+        discovered=discovered,
+        skipped=skipped,
+        total_bytes=sum(s.total_bytes for s in shards),
+    )

@@ -1,0 +1,207 @@
+"""Embed: one L2-normalised float32 vector per valid image, from a timm backbone.
+
+The model's inputs were made by the check in its single read of each object (squashed to
+input_size x input_size); when they are gone (deleted after use to keep the disk bounded,
+or a cached check from an earlier run) the images are read and decoded again. Weights
+come from a local checkpoint, timm's hub (`pretrained`, needs internet) or a seeded
+random initialisation, and the report says which.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+
+from tasks.caching import artifact_key, cached_step, step_key
+from tasks.check import CheckedShard, check_images, npy_bytes, read_npy
+from tasks.describe import read_parquet_bytes
+from tasks.device import pick_device
+from tasks.errors import CurateError
+from tasks.storage import ObjectInfo, open_storage
+
+# Classifier weights a backbone checkpoint may carry; the embedding model has no head.
+_HEAD_PREFIXES = ("fc.", "head.", "classifier.", "head.fc.", "last_linear.")
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Which weights a model gets, and an identity for cache keys."""
+
+    source: str  # "checkpoint", "pretrained" or "random"
+    identity: str  # checkpoint content hash, timm tag, or the seed
+
+    def describe(self) -> str:
+        if self.source == "random":
+            return f"random initialisation (seed {self.identity}): no checkpoint given"
+        if self.source == "pretrained":
+            return "timm pretrained weights (downloaded from the hub)"
+        return f"checkpoint (sha256 {self.identity[:12]})"
+
+
+def resolve_weights(checkpoint: str | None, pretrained: bool, seed: int) -> Weights:
+    if checkpoint:
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            raise CurateError(f"embedding.checkpoint: {checkpoint} is not a file")
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return Weights("checkpoint", digest.hexdigest())
+    if pretrained:
+        return Weights("pretrained", "timm-default")
+    return Weights("random", str(seed))
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for wrapper in ("state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def check_model_name(name: str) -> None:
+    if not timm.is_model(name.split(".")[0]):
+        close = timm.list_models(f"*{name.split('.')[0][:5]}*")[:3]
+        hint = f"; similar: {', '.join(close)}" if close else ""
+        raise CurateError(f"embedding.model: unknown timm model '{name}'{hint}")
+
+
+def build_model(
+    name: str, weights: Weights, checkpoint: str | None, device: torch.device
+) -> torch.nn.Module:
+    """A timm backbone without classifier, in eval mode on `device`."""
+    check_model_name(name)
+    if weights.source == "random":
+        torch.manual_seed(int(weights.identity))
+    try:
+        model = timm.create_model(name, pretrained=weights.source == "pretrained", num_classes=0)
+    except Exception as exc:  # hub or network errors from timm/huggingface_hub
+        raise CurateError(
+            f"embedding.pretrained: cannot get weights for '{name}' ({type(exc).__name__}); "
+            "offline, pass embedding.checkpoint=PATH instead"
+        ) from None
+    if weights.source == "checkpoint":
+        assert checkpoint is not None
+        state = _load_state_dict(Path(checkpoint).expanduser())
+        state = {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)}
+        result = model.load_state_dict(state, strict=False)
+        if result.missing_keys:
+            raise CurateError(
+                f"embedding.checkpoint: {checkpoint} does not fit {name}: "
+                f"{len(result.missing_keys)} weights missing (e.g. {result.missing_keys[0]})"
+            )
+    model.eval().to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+class Embedder:
+    """A model plus its input normalisation; `embed` takes uint8 HxWx3 batches."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        config = timm.data.resolve_data_config({}, model=model)
+        self.model = model
+        self.device = device
+        self.mean = torch.tensor(config["mean"], device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(config["std"], device=device).view(1, 3, 1, 1) * 255
+        self.dim = int(model.num_features)  # type: ignore[arg-type]
+        # One forward at a time per process: concurrent shards share the model and the
+        # cores/GPU instead of fighting over them.
+        self.lock = threading.Lock()
+
+    @torch.inference_mode()
+    def embed(self, images: np.ndarray, batch_size: int) -> np.ndarray:
+        out = np.empty((len(images), self.dim), dtype=np.float32)
+        use_amp = self.device.type == "cuda"
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(images[start : start + batch_size]).to(
+                self.device, non_blocking=True
+            )
+            x = (batch.permute(0, 3, 1, 2).float() - self.mean) / self.std
+            if use_amp:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self.lock, torch.autocast(self.device.type, enabled=use_amp):
+                features = self.model(x).float()
+            features = torch.nn.functional.normalize(features, dim=1)
+            out[start : start + len(batch)] = features.cpu().numpy()
+        return out
+
+
+_embedders: dict[tuple[str, str, str], Embedder] = {}
+_embedders_lock = threading.Lock()
+
+
+def get_embedder(
+    name: str, weights: Weights, checkpoint: str | None, device: torch.device
+) -> Embedder:
+    """One model per process and configuration, shared by every shard."""
+    key = (name, weights.identity, str(device))
+    with _embedders_lock:
+        if key not in _embedders:
+            _embedders[key] = Embedder(build_model(name, weights, checkpoint, device), device)
+        return _embedders[key]
+
+
+@dataclass(frozen=True)
+class EmbeddedShard:
+    shard_index: int
+    embeddings: str  # .npy, rows aligned with the check's metadata rows
+    count: int
+    bytes_read: int
+    seconds: float
+
+
+@cached_step("embed")
+def embed_shard(
+    checked: CheckedShard,
+    input_url: str,
+    output_url: str,
+    model: str,
+    weights: Weights,
+    checkpoint: str | None,
+    input_size: int,
+    device: str,
+    batch_size: int,
+    num_workers: int,
+) -> EmbeddedShard:
+    """Embed the valid images of one checked shard."""
+    key = step_key("embed", dict(locals()))
+    started = time.perf_counter()
+    output, source = open_storage(output_url), open_storage(input_url)
+    if output.exists(checked.inputs):
+        inputs = read_npy(output, checked.inputs)
+    else:
+        metadata = read_parquet_bytes(output.read(checked.metadata))
+        objects = [ObjectInfo(n, s, "") for n, s in zip(metadata.filename, metadata.file_size)]
+        _, corrupt, inputs = check_images(
+            source, objects, 2**62, checked.full_check, input_size, num_workers
+        )
+        if corrupt:  # the object changed since it was checked
+            raise CurateError(f"{source.join(next(iter(corrupt)))}: changed during the run")
+    embedder = get_embedder(model, weights, checkpoint, pick_device(device))
+    embeddings = embedder.embed(inputs, batch_size)
+    embeddings_key = artifact_key("embed", key, ".npy")
+    output.write(embeddings_key, npy_bytes(embeddings))
+    output.delete(checked.inputs)  # keep the disk cache bounded to shards in flight
+    return EmbeddedShard(
+        shard_index=checked.shard_index,
+        embeddings=embeddings_key,
+        count=len(embeddings),
+        bytes_read=source.bytes_read,
+        seconds=time.perf_counter() - started,
+    )

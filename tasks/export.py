@@ -1,0 +1,157 @@
+"""Export: write a run's lists, data and report in the layout of interface.md.
+
+Everything here is derived from the cached steps' artifacts, so export always runs (it is
+cheap) and each run gets a complete run directory of its own. `LATEST` is written last:
+a reader that follows it always finds a finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pandera.pandas as pa
+
+from tasks.check import CheckedShard, read_npy
+from tasks.describe import METADATA_SCHEMA, read_parquet_bytes, to_parquet_bytes
+from tasks.embed import EmbeddedShard
+from tasks.storage import Storage
+
+RUN_METADATA_SCHEMA = METADATA_SCHEMA.add_columns(
+    {
+        "duplicate_of": pa.Column(str, nullable=True),
+        "selected": pa.Column(bool),
+    }
+)
+
+
+@dataclass
+class StepStats:
+    """What a step cost in this run; cached shards cost nothing and are counted."""
+
+    seconds: float = 0.0
+    bytes_read: int = 0
+    shards: int = 0
+    cached_shards: int = 0
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    config: dict[str, Any]
+    discovered: int
+    skipped: int
+    dataset_bytes: int
+    steps: dict[str, StepStats]
+    embedding: dict[str, Any]
+    versions: dict[str, str]
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _embedding_rows(
+    storage: Storage,
+    checked: list[CheckedShard],
+    embedded: list[EmbeddedShard],
+    duplicates: dict[str, str],
+) -> Iterator[bytes]:
+    """embeddings.csv in Lightly's format, one shard in memory at a time."""
+    header_written = False
+    for check, embed in zip(checked, embedded, strict=True):
+        names = read_parquet_bytes(storage.read(check.metadata))["filename"].tolist()
+        vectors = read_npy(storage, embed.embeddings)
+        if not header_written:
+            columns = ",".join(f"embedding_{i}" for i in range(vectors.shape[1]))
+            yield f"filenames,{columns},labels\n".encode()
+            header_written = True
+        lines = [
+            name + "," + ",".join(np.char.mod("%.7g", vector)) + ",0\n"
+            for name, vector in zip(names, vectors, strict=True)
+            if name not in duplicates
+        ]
+        yield "".join(lines).encode()
+
+
+def _lines(names: list[str]) -> bytes:
+    return "".join(f"{name}\n" for name in names).encode()
+
+
+def export(
+    output: Storage,
+    summary: RunSummary,
+    checked: list[CheckedShard],
+    embedded: list[EmbeddedShard],
+    duplicates: dict[str, str],
+    selected: list[str],
+    run_started: float,
+) -> str:
+    """Write the run directory and point LATEST at it; returns the run directory's URL."""
+    export_started = time.perf_counter()
+    run = f"runs/{summary.run_id}"
+    corrupt: dict[str, str] = {}
+    for check in checked:
+        corrupt.update(json.loads(output.read(check.corrupt)))
+
+    metadata = pd.concat(
+        [read_parquet_bytes(output.read(c.metadata)) for c in checked], ignore_index=True
+    )
+    metadata["duplicate_of"] = metadata["filename"].map(duplicates)
+    metadata["selected"] = metadata["filename"].isin(set(selected))
+    output.write(f"{run}/data/metadata.parquet", to_parquet_bytes(RUN_METADATA_SCHEMA.validate(metadata)))
+    output.write_stream(
+        f"{run}/data/embeddings.csv", _embedding_rows(output, checked, embedded, duplicates)
+    )
+    output.write(f"{run}/filenames/selected_filenames.txt", _lines(selected))
+    output.write(f"{run}/filenames/corrupt_filenames.txt", _lines(sorted(corrupt)))
+    output.write(f"{run}/filenames/duplicate_filenames.txt", _lines(sorted(duplicates)))
+    output.write_text(
+        f"{run}/corruptness_check_information.json",
+        json.dumps({"corrupt_samples": corrupt, "corrupt_videos": {}}, indent=2, sort_keys=True),
+    )
+    finished = time.perf_counter()
+    summary.steps["export"] = StepStats(seconds=finished - export_started, shards=1)
+    summary.seconds = finished - run_started
+    document = report(summary, metadata, corrupt, duplicates, selected)
+    output.write_text(f"{run}/report.json", json.dumps(document, indent=2))
+    output.write_text("LATEST", summary.run_id + "\n")
+    return output.join(run)
+
+
+def report(
+    summary: RunSummary,
+    metadata: pd.DataFrame,
+    corrupt: dict[str, str],
+    duplicates: dict[str, str],
+    selected: list[str],
+) -> dict[str, Any]:
+    bytes_read = sum(step.bytes_read for step in summary.steps.values())
+    return {
+        "run_id": summary.run_id,
+        "counts": {
+            "discovered": summary.discovered,
+            "processed": summary.discovered,
+            "skipped_not_images": summary.skipped,
+            "valid": len(metadata),
+            "corrupt": len(corrupt),
+            "duplicates": len(duplicates),
+            "embedded": len(metadata),
+            "selected": len(selected),
+            "datapool_size": 0,
+        },
+        "steps": {name: vars(step) for name, step in summary.steps.items()},
+        "bytes_read": {
+            "total": bytes_read,
+            "dataset": summary.dataset_bytes,
+            "ratio": round(bytes_read / summary.dataset_bytes, 4) if summary.dataset_bytes else 0,
+        },
+        "seconds": round(summary.seconds, 3),
+        "embedding": summary.embedding,
+        "config": summary.config,
+        "versions": summary.versions,
+        **summary.extra,
+    }
