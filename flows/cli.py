@@ -7,6 +7,7 @@ never a traceback. The last line of stdout of a run is `run: <run directory>`.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -32,6 +33,7 @@ def _run(args: list[str]) -> int:
 
     from flows.curate import curate, preflight
 
+    _hide_user_errors_from_console()
     try:
         preflight(config)
         run_dir = curate(config)
@@ -41,6 +43,24 @@ def _run(args: list[str]) -> int:
     print(f"report: {run_dir}/report.json")
     print(f"run: {run_dir}")
     return 0
+
+
+class _UserErrorFilter(logging.Filter):
+    """Drop Prefect's console records about a CurateError: the CLI prints the error in
+    one line itself. The Prefect API (and UI) still receives the full record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], CurateError):
+            return False
+        return "CurateError" not in record.getMessage()
+
+
+def _hide_user_errors_from_console() -> None:
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_UserErrorFilter())
 
 
 def _sanity_check() -> int:

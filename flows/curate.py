@@ -27,7 +27,7 @@ from tasks.check import CheckedShard, check_shard
 from tasks.config import CurateConfig
 from tasks.dedup import dedup
 from tasks.device import default_input_size, pick_device
-from tasks.discover import Discovery, discover, load_patterns
+from tasks.discover import Discovery, discover, is_image, load_patterns
 from tasks.embed import EmbeddedShard, check_model_name, embed_shard, resolve_weights
 from tasks.errors import CurateError
 from tasks.export import RunSummary, StepStats, export
@@ -73,8 +73,8 @@ def preflight(config: CurateConfig) -> None:
     """Fail fast, with one line naming the key or URL, before any Prefect run starts."""
     _result_storage(open_storage(config.output))
     source = open_storage(config.input)
-    if next(iter(source.list()), None) is None:
-        raise CurateError(f"input {config.input}: no objects found")
+    if not any(is_image(obj.key) for obj in source.list()):
+        raise CurateError(f"input {config.input}: no images found")
     if config.datasource.relevant_filenames_file:
         load_patterns(config.datasource.relevant_filenames_file, source)
     pick_device(config.embedding.device)

@@ -139,6 +139,10 @@ def _unknown_keys(data: dict[str, Any], model: type[BaseModel], prefix: str = ""
         key = prefix + str(name)
         field = model.model_fields.get(str(name))
         if field is None:
+            # Name the whole dotted key the user wrote, for a better suggestion.
+            while isinstance(value, dict) and len(value) == 1:
+                (child, value), = value.items()
+                key += f".{child}"
             unknown.append(key)
             continue
         annotation = field.annotation

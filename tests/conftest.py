@@ -1,0 +1,84 @@
+"""Shared fixtures: one Prefect test server per session, generated image folders.
+
+Prefect's home, results and analytics are pointed at temporary places before Prefect is
+imported, so nothing cached leaks between test runs or into the user's ~/.prefect.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+_PREFECT_HOME = tempfile.mkdtemp(prefix="curate-tests-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = os.path.join(_PREFECT_HOME, "results")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import pytest  # noqa: E402
+
+from flows.demo import digit_images, encode, make_demo_folder  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    """A real (SQLite) Prefect server for flow runs, started once."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def demo_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """The demo's images with planted corrupt files; returns (folder, expected reasons)."""
+    folder = tmp_path_factory.mktemp("demo") / "images"
+    expected = make_demo_folder(folder)
+    return folder, expected
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """scikit-learn's 1,797 labeled digits as 64 px PNGs named `<index>_label<digit>.png`."""
+    folder = tmp_path_factory.mktemp("digits")
+    images, labels = digit_images()
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        (folder / f"{i:04d}_label{label}.png").write_bytes(encode(image, "PNG"))
+    return folder
+
+
+class Run:
+    """A finished run's directory, read back the way a user would."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.path = Path(run_dir)
+
+    @property
+    def report(self) -> dict:
+        import json
+
+        return json.loads((self.path / "report.json").read_text())
+
+    def names(self, which: str) -> list[str]:
+        return (self.path / "filenames" / f"{which}_filenames.txt").read_text().split()
+
+    @property
+    def corrupt(self) -> dict[str, str]:
+        import json
+
+        info = json.loads((self.path / "corruptness_check_information.json").read_text())
+        return info["corrupt_samples"]
+
+
+@pytest.fixture
+def run_curate(prefect_server: None):  # type: ignore[no-untyped-def]
+    """Run the curate flow in-process against the test server with KEY=VALUE args."""
+    from flows.curate import curate
+    from tasks.config import load_config
+
+    def run(*args: str) -> Run:
+        return Run(curate(load_config(None, list(args))))
+
+    return run

@@ -1,0 +1,90 @@
+"""`curate` as a user runs it: a subprocess, its exit code, stdout and stderr."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CURATE = str(Path(sys.executable).parent / "curate")
+
+
+def curate(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # ephemeral
+    return subprocess.run([CURATE, *args], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=cwd)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+def test_unknown_key_fails_with_a_did_you_mean(tmp_path):
+    result = curate("run", "input=x", f"output={tmp_path}", "stoping_condition.n_samples=3")
+    assert_one_line_error(result, 2, "stoping_condition.n_samples", "stopping_condition.n_samples")
+
+
+def test_bad_value_names_the_key(tmp_path):
+    result = curate("run", "input=x", f"output={tmp_path}", "stopping_condition.n_samples=zero")
+    assert_one_line_error(result, 2, "stopping_condition.n_samples")
+
+
+def test_missing_input_folder_names_the_url(tmp_path):
+    result = curate("run", f"input={tmp_path / 'nowhere'}", f"output={tmp_path}",
+                    "stopping_condition.n_samples=3")
+    assert_one_line_error(result, 1, "nowhere")
+
+
+def test_input_without_images_is_a_clear_error(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in/notes.txt").write_text("hello")
+    result = curate("run", f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}",
+                    "stopping_condition.n_samples=3")
+    assert_one_line_error(result, 1, "no images")
+
+
+def test_an_error_inside_the_flow_is_one_line_too(tmp_path, demo_folder):
+    folder, _ = demo_folder
+    (tmp_path / "relevant.txt").write_text("no/such/dir/*\n")
+    result = curate("run", f"input={folder}", f"output={tmp_path}", "stopping_condition.n_samples=3",
+                    f"datasource.relevant_filenames_file={tmp_path / 'relevant.txt'}")
+    assert_one_line_error(result, 1, "no images found")
+
+
+def test_missing_checkpoint_names_the_key(tmp_path, demo_folder):
+    folder, _ = demo_folder
+    result = curate("run", f"input={folder}", f"output={tmp_path}", "stopping_condition.n_samples=3",
+                    "embedding.checkpoint=/no/such.safetensors")
+    assert_one_line_error(result, 1, "embedding.checkpoint")
+
+
+@pytest.mark.slow
+def test_run_from_a_config_file_with_overrides_ends_with_the_run_line(tmp_path, demo_folder):
+    folder, expected = demo_folder
+    config = tmp_path / "curate.yaml"
+    config.write_text(f"input: {folder}\noutput: {tmp_path / 'out'}\n"
+                      "stopping_condition:\n  n_samples: 100\n")
+    result = curate("run", str(config), "stopping_condition.n_samples=7")
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("run: ")
+    run_dir = Path(last.removeprefix("run: "))
+    assert len((run_dir / "filenames/selected_filenames.txt").read_text().split()) == 7
+    assert len((run_dir / "filenames/corrupt_filenames.txt").read_text().split()) == len(expected)
+
+
+@pytest.mark.slow
+def test_sanity_check_reports_versions_embedding_and_prefect():
+    result = curate("sanity-check")
+    assert result.returncode == 0, result.stderr
+    for word in ("torch:", "timm:", "embedding: resnet18 on cpu, dim 512", "boto3:", "gcsfs:",
+                 "adlfs:", "prefect: flow run ok"):
+        assert word in result.stdout
