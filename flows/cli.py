@@ -77,8 +77,10 @@ def _sanity_check() -> int:
     started = time.perf_counter()
     model = build_model("resnet18", resolve_weights(None, False, 0), None, device)
     vectors = Embedder(model, device).embed(np.zeros((2, 32, 32, 3), np.uint8), 2)
-    print(f"embedding: resnet18 on {device}, dim {vectors.shape[1]}, "
-          f"{time.perf_counter() - started:.2f} s")
+    print(
+        f"embedding: resnet18 on {device}, dim {vectors.shape[1]}, "
+        f"{time.perf_counter() - started:.2f} s"
+    )
     for client in ("boto3", "gcsfs", "adlfs", "av"):
         try:
             module = __import__(client)

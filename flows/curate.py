@@ -13,7 +13,7 @@ import os
 import platform
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from tasks.storage import LocalStorage, Storage, open_storage
 
 
 def new_run_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
 def package_versions() -> dict[str, str]:
@@ -58,8 +58,12 @@ def _result_storage(output: Storage) -> Path:
     return output.root / CACHE_PREFIX / "results"
 
 
-@task(name="discover", retries=3, retry_delay_seconds=[1, 4, 16],
-      retry_condition_fn=retry_if_transient)
+@task(
+    name="discover",
+    retries=3,
+    retry_delay_seconds=[1, 4, 16],
+    retry_condition_fn=retry_if_transient,
+)
 def discover_task(config: CurateConfig) -> Discovery:
     """Not cached: listing is how a run learns what is new."""
     source, output = open_storage(config.input), open_storage(config.output)
@@ -108,30 +112,54 @@ def curate(config: CurateConfig) -> str:
     input_size = config.embedding.input_size or default_input_size(device)
     emb = config.embedding
     weights = resolve_weights(emb.checkpoint, emb.pretrained, config.seed)
-    logger.info("embedding: %s on %s at %d px, weights: %s", emb.model, device, input_size,
-                weights.describe())
+    logger.info(
+        "embedding: %s on %s at %d px, weights: %s",
+        emb.model,
+        device,
+        input_size,
+        weights.describe(),
+    )
     workers = num_workers(config.num_workers)
     steps = {name: StepStats() for name in ("discover", "check", "dedup", "embed", "select")}
 
     t = time.perf_counter()
     found = discover_task(config)
     steps["discover"] = StepStats(seconds=time.perf_counter() - t, shards=len(found.shards))
-    logger.info("discovered %d images in %d shards (%d other objects skipped)",
-                found.discovered, len(found.shards), found.skipped)
+    logger.info(
+        "discovered %d images in %d shards (%d other objects skipped)",
+        found.discovered,
+        len(found.shards),
+        found.skipped,
+    )
 
     check = check_shard.with_options(result_storage=results)
     embed = embed_shard.with_options(result_storage=results)
     check_futures, embed_futures = [], []
     for shard in found.shards:
         checked = check.submit(
-            shard, config.input, config.output, config.corruptness_check.max_image_pixels,
-            config.enable_corruptness_check, input_size, workers,
+            shard,
+            config.input,
+            config.output,
+            config.corruptness_check.max_image_pixels,
+            config.enable_corruptness_check,
+            input_size,
+            workers,
         )
         check_futures.append(checked)
-        embed_futures.append(embed.submit(
-            checked, config.input, config.output, emb.model, weights, emb.checkpoint,
-            input_size, str(device), emb.batch_size, workers,
-        ))
+        embed_futures.append(
+            embed.submit(  # type: ignore[call-overload]  # Prefect resolves the future
+                checked,
+                config.input,
+                config.output,
+                emb.model,
+                weights,
+                emb.checkpoint,
+                input_size,
+                str(device),
+                emb.batch_size,
+                workers,
+            )
+        )
     checked_shards: list[CheckedShard] = _collect(check_futures, steps["check"])
 
     duplicates_key = None
@@ -146,14 +174,26 @@ def curate(config: CurateConfig) -> str:
 
     t = time.perf_counter()
     select_future = select_samples.with_options(result_storage=results).submit(
-        checked_shards, embedded, duplicates_key, config.output, config.selection.strategy,
-        config.stopping_condition, config.seed, str(device),
+        checked_shards,
+        embedded,
+        duplicates_key,
+        config.output,
+        config.selection.strategy,
+        config.stopping_condition,
+        config.seed,
+        str(device),
     )
     selected = json.loads(output.read(select_future.result()))
     _count_single(steps["select"], select_future, time.perf_counter() - t)
     for name, stats in steps.items():
-        logger.info("step %s: %d/%d shards from cache, %.2f s, %d bytes read", name,
-                    stats.cached_shards, stats.shards, stats.seconds, stats.bytes_read)
+        logger.info(
+            "step %s: %d/%d shards from cache, %.2f s, %d bytes read",
+            name,
+            stats.cached_shards,
+            stats.shards,
+            stats.seconds,
+            stats.bytes_read,
+        )
 
     duplicates = json.loads(output.read(duplicates_key)) if duplicates_key else {}
     summary = RunSummary(
@@ -163,8 +203,12 @@ def curate(config: CurateConfig) -> str:
         skipped=found.skipped,
         dataset_bytes=found.total_bytes,
         steps=steps,
-        embedding={"model": emb.model, "weights": weights.describe(),
-                   "input_size": input_size, "device": str(device)},
+        embedding={
+            "model": emb.model,
+            "weights": weights.describe(),
+            "input_size": input_size,
+            "device": str(device),
+        },
         versions=package_versions(),
     )
     run_dir = export(output, summary, checked_shards, embedded, duplicates, selected, started)

@@ -112,8 +112,14 @@ def corrupt_files(seed: int = 0) -> dict[str, tuple[bytes, str]]:
         "corrupt/truncated.gif": (gif[: len(gif) // 2], "truncated GIF"),
         "corrupt/wrong_magic.jpg": (b"\x00\x00\x00\x00" + jpeg[4:], "not an image: unknown format"),
         "corrupt/bad_crc.png": (bytes(bad_crc), "bad CRC in PNG IDAT chunk"),
-        "corrupt/readme.jpg": (b"These are not the pixels you are looking for.\n", "not an image: text"),
-        "corrupt/error_page.png": (b"<!DOCTYPE html><html><body>404</body></html>", "not an image: HTML"),
+        "corrupt/readme.jpg": (
+            b"These are not the pixels you are looking for.\n",
+            "not an image: text",
+        ),
+        "corrupt/error_page.png": (
+            b"<!DOCTYPE html><html><body>404</body></html>",
+            "not an image: HTML",
+        ),
         "corrupt/noise.webp": (random_bytes.tobytes(), "not an image: unknown format"),
         "corrupt/bomb.png": (decompression_bomb(), "decompression bomb: 400 Mpx"),
         "corrupt/garbled.jpg": (jpeg[:300] + bytes(400) + jpeg[700:], "JPEG decode error"),
@@ -138,7 +144,9 @@ def make_demo_folder(folder: Path, seed: int = 0) -> dict[str, str]:
     (folder / "copies").mkdir(exist_ok=True)
     (folder / "copies/crop_000_copy.jpg").write_bytes((folder / "photos/crop_000.jpg").read_bytes())
     scene = Image.open(folder / "scenes/scene_000.png")
-    (folder / "copies/scene_000_recompressed.png").write_bytes(encode(scene, "PNG", compress_level=1))
+    (folder / "copies/scene_000_recompressed.png").write_bytes(
+        encode(scene, "PNG", compress_level=1)
+    )
     (folder / "notes.txt").write_text("not an image: skipped by extension\n")
     expected = {}
     for name, (data, reason) in corrupt_files(seed).items():
@@ -155,8 +163,7 @@ def main() -> int:
     if not folder.exists():
         make_demo_folder(folder)
         print(f"made sample images in {folder}/")
-    return cli(["run", f"input={folder}", "output=demo-output",
-                "stopping_condition.n_samples=40"])
+    return cli(["run", f"input={folder}", "output=demo-output", "stopping_condition.n_samples=40"])
 
 
 if __name__ == "__main__":

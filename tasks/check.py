@@ -129,17 +129,18 @@ def decode_image(
 def _to_rgb(image: Image.Image) -> Image.Image:
     """RGB with transparent areas on white, 16-bit and float modes scaled to 8 bits."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float32)
-        top = float(array.max()) or 1.0
-        return Image.fromarray((array * (255.0 / top)).astype(np.uint8)).convert("RGB")
+        # Integer images are 16-bit in practice: map the 16-bit range, not the image's
+        # own maximum, so a dark image stays dark.
+        array = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
+        scale = 255.0 / 65535.0 if array.max() > 255 else 1.0
+        return Image.fromarray((array * scale).round().astype(np.uint8)).convert("RGB")
     if image.mode == "F":
-        array = np.nan_to_num(np.asarray(image, dtype=np.float32))
-        lo, hi = float(array.min()), float(array.max())
-        scaled = (array - lo) * (255.0 / ((hi - lo) or 1.0))
-        return Image.fromarray(scaled.astype(np.uint8)).convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA") or (
-        image.mode == "P" and "transparency" in image.info
-    ):
+        array = np.asarray(image, dtype=np.float64)
+        finite = np.isfinite(array)
+        lo, hi = (array[finite].min(), array[finite].max()) if finite.any() else (0.0, 0.0)
+        scaled = (np.where(finite, array, lo) - lo) * (255.0 / ((hi - lo) or 1.0))
+        return Image.fromarray(scaled.round().astype(np.uint8)).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")

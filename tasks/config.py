@@ -141,14 +141,14 @@ def _unknown_keys(data: dict[str, Any], model: type[BaseModel], prefix: str = ""
         if field is None:
             # Name the whole dotted key the user wrote, for a better suggestion.
             while isinstance(value, dict) and len(value) == 1:
-                (child, value), = value.items()
+                ((child, value),) = value.items()
                 key += f".{child}"
             unknown.append(key)
             continue
         annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            if isinstance(value, dict):
-                unknown.extend(_unknown_keys(value, annotation, key + "."))
+        is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        if is_section and isinstance(value, dict):
+            unknown.extend(_unknown_keys(value, annotation, key + "."))  # type: ignore[arg-type]
     return unknown
 
 
@@ -169,9 +169,7 @@ def parse_config(data: dict[str, Any]) -> CurateConfig:
         key = ".".join(str(p) for p in err["loc"]) or "config"
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "missing":
-            message = "required, e.g. " + (
-                "input=./photos" if key == "input" else f"{key}=..."
-            )
+            message = "required, e.g. " + ("input=./photos" if key == "input" else f"{key}=...")
         raise CurateError(f"config: {key}: {message}") from None
 
 

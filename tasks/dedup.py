@@ -28,6 +28,11 @@ def find_duplicates(metadata: pd.DataFrame) -> dict[str, str]:
             original = kept[digest]
             if original != name:
                 duplicates[name] = original
+    # A copy by bytes of a copy by pixels points at the one that is kept.
+    for name, original in duplicates.items():
+        while original in duplicates:
+            original = duplicates[original]
+        duplicates[name] = original
     return duplicates
 
 

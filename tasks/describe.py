@@ -66,9 +66,7 @@ def describe(name: str, data: bytes, decoded: Decoded) -> dict[str, object]:
 def laplacian_variance(luma: np.ndarray) -> float:
     if luma.shape[0] < 3 or luma.shape[1] < 3:
         return 0.0
-    lap = (
-        luma[:-2, 1:-1] + luma[2:, 1:-1] + luma[1:-1, :-2] + luma[1:-1, 2:] - 4 * luma[1:-1, 1:-1]
-    )
+    lap = luma[:-2, 1:-1] + luma[2:, 1:-1] + luma[1:-1, :-2] + luma[1:-1, 2:] - 4 * luma[1:-1, 1:-1]
     return float(lap.var())
 
 

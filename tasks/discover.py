@@ -152,8 +152,7 @@ def discover(
     discovered = sum(s.count for s in shards)
     if discovered == 0:
         raise CurateError(
-            f"input {input_storage.url}: no images found "
-            f"({', '.join(sorted(IMAGE_EXTENSIONS))})"
+            f"input {input_storage.url}: no images found ({', '.join(sorted(IMAGE_EXTENSIONS))})"
         )
     return Discovery(
         shards=shards,

@@ -9,11 +9,13 @@ random initialisation, and the report says which.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import timm
@@ -60,22 +62,45 @@ def resolve_weights(checkpoint: str | None, pretrained: bool, seed: int) -> Weig
     return Weights("random", str(seed))
 
 
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _load_state_dict(path: Path) -> dict[str, Any]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for wrapper in ("state_dict", "model"):
-            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-                state = state[wrapper]
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise ValueError(f"holds a {type(state).__name__}, not a state dict")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_checkpoint(model: torch.nn.Module, name: str, checkpoint: str) -> None:
+    """Load backbone weights strictly (a classifier head may be present and is dropped)."""
+    try:
+        state = _load_state_dict(Path(checkpoint).expanduser())
+        if not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError("not a state dict of tensors")
+        state = {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)}
+        result = model.load_state_dict(state, strict=False)
+    except Exception as exc:  # unpickling, safetensors and shape errors alike
+        message = str(exc).strip().splitlines()[0][:160]
+        raise CurateError(
+            f"embedding.checkpoint: cannot load {checkpoint} into {name} ({message})"
+        ) from None
+    problems = result.missing_keys or result.unexpected_keys
+    if problems:
+        raise CurateError(
+            f"embedding.checkpoint: {checkpoint} does not fit {name}: "
+            f"{len(result.missing_keys)} weights missing, {len(result.unexpected_keys)} "
+            f"unexpected (e.g. {problems[0]})"
+        )
 
 
 def check_model_name(name: str) -> None:
     if not timm.is_model(name.split(".")[0]):
-        close = timm.list_models(f"*{name.split('.')[0][:5]}*")[:3]
+        close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=3)
         hint = f"; similar: {', '.join(close)}" if close else ""
         raise CurateError(f"embedding.model: unknown timm model '{name}'{hint}")
 
@@ -96,14 +121,7 @@ def build_model(
         ) from None
     if weights.source == "checkpoint":
         assert checkpoint is not None
-        state = _load_state_dict(Path(checkpoint).expanduser())
-        state = {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)}
-        result = model.load_state_dict(state, strict=False)
-        if result.missing_keys:
-            raise CurateError(
-                f"embedding.checkpoint: {checkpoint} does not fit {name}: "
-                f"{len(result.missing_keys)} weights missing (e.g. {result.missing_keys[0]})"
-            )
+        _load_checkpoint(model, name, checkpoint)
     model.eval().to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -187,7 +205,9 @@ def embed_shard(
         inputs = read_npy(output, checked.inputs)
     else:
         metadata = read_parquet_bytes(output.read(checked.metadata))
-        objects = [ObjectInfo(n, s, "") for n, s in zip(metadata.filename, metadata.file_size)]
+        objects = [
+            ObjectInfo(n, s, "") for n, s in zip(metadata.filename, metadata.file_size, strict=True)
+        ]
         _, corrupt, inputs = check_images(
             source, objects, 2**62, checked.full_check, input_size, num_workers
         )

@@ -102,7 +102,9 @@ def export(
     )
     metadata["duplicate_of"] = metadata["filename"].map(duplicates)
     metadata["selected"] = metadata["filename"].isin(set(selected))
-    output.write(f"{run}/data/metadata.parquet", to_parquet_bytes(RUN_METADATA_SCHEMA.validate(metadata)))
+    output.write(
+        f"{run}/data/metadata.parquet", to_parquet_bytes(RUN_METADATA_SCHEMA.validate(metadata))
+    )
     output.write_stream(
         f"{run}/data/embeddings.csv", _embedding_rows(output, checked, embedded, duplicates)
     )

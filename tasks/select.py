@@ -37,13 +37,17 @@ def budget(stopping: StoppingCondition, n_candidates: int) -> int:
     if stopping.n_samples is not None:
         return min(stopping.n_samples, n_candidates)
     if stopping.proportion_samples is not None:
-        return min(math.ceil(stopping.proportion_samples * n_candidates), n_candidates)
+        # round away float noise first: 0.07 * 100 is 7.000000000000001, not 8 samples
+        wanted = math.ceil(round(stopping.proportion_samples * n_candidates, 6))
+        return min(wanted, n_candidates)
     return n_candidates  # min_distance alone decides
 
 
 def typicality(x: torch.Tensor, seed: int, k: int = TYPICALITY_NEIGHBOURS) -> torch.Tensor:
     """1 / mean cosine distance to the k nearest reference points, scaled to max 1."""
     n = len(x)
+    if n < 2:
+        return torch.ones(n, device=x.device)
     generator = torch.Generator().manual_seed(seed)
     if n > TYPICALITY_REFERENCES:
         refs = x[torch.randperm(n, generator=generator)[:TYPICALITY_REFERENCES].to(x.device)]
@@ -86,8 +90,10 @@ def greedy_cover(
         best = int(torch.argmax(score))
         if score[best] < 0:
             break
-        if min_distance is not None and float(distance[best]) < min_distance and (
-            picks or (selected is not None and len(selected))
+        if (
+            min_distance is not None
+            and float(distance[best]) < min_distance
+            and (picks or (selected is not None and len(selected)))
         ):
             break
         picks.append(best)

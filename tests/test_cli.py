@@ -14,8 +14,9 @@ CURATE = str(Path(sys.executable).parent / "curate")
 
 def curate(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # ephemeral
-    return subprocess.run([CURATE, *args], capture_output=True, text=True, timeout=300,
-                          env=env, cwd=cwd)
+    return subprocess.run(
+        [CURATE, *args], capture_output=True, text=True, timeout=300, env=env, cwd=cwd
+    )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
@@ -38,31 +39,49 @@ def test_bad_value_names_the_key(tmp_path):
 
 
 def test_missing_input_folder_names_the_url(tmp_path):
-    result = curate("run", f"input={tmp_path / 'nowhere'}", f"output={tmp_path}",
-                    "stopping_condition.n_samples=3")
+    result = curate(
+        "run",
+        f"input={tmp_path / 'nowhere'}",
+        f"output={tmp_path}",
+        "stopping_condition.n_samples=3",
+    )
     assert_one_line_error(result, 1, "nowhere")
 
 
 def test_input_without_images_is_a_clear_error(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in/notes.txt").write_text("hello")
-    result = curate("run", f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}",
-                    "stopping_condition.n_samples=3")
+    result = curate(
+        "run",
+        f"input={tmp_path / 'in'}",
+        f"output={tmp_path / 'out'}",
+        "stopping_condition.n_samples=3",
+    )
     assert_one_line_error(result, 1, "no images")
 
 
 def test_an_error_inside_the_flow_is_one_line_too(tmp_path, demo_folder):
     folder, _ = demo_folder
     (tmp_path / "relevant.txt").write_text("no/such/dir/*\n")
-    result = curate("run", f"input={folder}", f"output={tmp_path}", "stopping_condition.n_samples=3",
-                    f"datasource.relevant_filenames_file={tmp_path / 'relevant.txt'}")
+    result = curate(
+        "run",
+        f"input={folder}",
+        f"output={tmp_path}",
+        "stopping_condition.n_samples=3",
+        f"datasource.relevant_filenames_file={tmp_path / 'relevant.txt'}",
+    )
     assert_one_line_error(result, 1, "no images found")
 
 
 def test_missing_checkpoint_names_the_key(tmp_path, demo_folder):
     folder, _ = demo_folder
-    result = curate("run", f"input={folder}", f"output={tmp_path}", "stopping_condition.n_samples=3",
-                    "embedding.checkpoint=/no/such.safetensors")
+    result = curate(
+        "run",
+        f"input={folder}",
+        f"output={tmp_path}",
+        "stopping_condition.n_samples=3",
+        "embedding.checkpoint=/no/such.safetensors",
+    )
     assert_one_line_error(result, 1, "embedding.checkpoint")
 
 
@@ -70,8 +89,9 @@ def test_missing_checkpoint_names_the_key(tmp_path, demo_folder):
 def test_run_from_a_config_file_with_overrides_ends_with_the_run_line(tmp_path, demo_folder):
     folder, expected = demo_folder
     config = tmp_path / "curate.yaml"
-    config.write_text(f"input: {folder}\noutput: {tmp_path / 'out'}\n"
-                      "stopping_condition:\n  n_samples: 100\n")
+    config.write_text(
+        f"input: {folder}\noutput: {tmp_path / 'out'}\nstopping_condition:\n  n_samples: 100\n"
+    )
     result = curate("run", str(config), "stopping_condition.n_samples=7")
     assert result.returncode == 0, result.stderr
     last = result.stdout.strip().splitlines()[-1]
@@ -85,6 +105,13 @@ def test_run_from_a_config_file_with_overrides_ends_with_the_run_line(tmp_path, 
 def test_sanity_check_reports_versions_embedding_and_prefect():
     result = curate("sanity-check")
     assert result.returncode == 0, result.stderr
-    for word in ("torch:", "timm:", "embedding: resnet18 on cpu, dim 512", "boto3:", "gcsfs:",
-                 "adlfs:", "prefect: flow run ok"):
+    for word in (
+        "torch:",
+        "timm:",
+        "embedding: resnet18 on cpu, dim 512",
+        "boto3:",
+        "gcsfs:",
+        "adlfs:",
+        "prefect: flow run ok",
+    ):
         assert word in result.stdout

@@ -30,7 +30,9 @@ def test_every_planted_corrupt_file_is_flagged_with_its_reason_and_no_valid_one(
 
 def test_exact_duplicates_are_listed_and_never_selected_together(demo_folder, run_curate, tmp_path):
     folder, _ = demo_folder
-    run = run_curate(f"input={folder}", f"output={tmp_path}", "stopping_condition.proportion_samples=1")
+    run = run_curate(
+        f"input={folder}", f"output={tmp_path}", "stopping_condition.proportion_samples=1"
+    )
     # The first name of each group is kept: copies/ sorts before photos/ and scenes/.
     assert run.names("duplicate") == ["photos/crop_000.jpg", "scenes/scene_000.png"]
     selected = run.names("selected")
@@ -69,8 +71,13 @@ def test_run_directory_follows_the_output_contract(demo_folder, run_curate, tmp_
 def test_a_rerun_hits_the_cache_for_every_step_and_takes_under_a_quarter_of_the_time(
     digits_folder, run_curate, tmp_path
 ):
-    args = (f"input={digits_folder}", f"output={tmp_path}", "stopping_condition.n_samples=50",
-            "shard_size=500", "embedding.input_size=96")
+    args = (
+        f"input={digits_folder}",
+        f"output={tmp_path}",
+        "stopping_condition.n_samples=50",
+        "shard_size=500",
+        "embedding.input_size=96",
+    )
     started = time.perf_counter()
     first = run_curate(*args)
     first_seconds = time.perf_counter() - started
@@ -117,9 +124,12 @@ def test_relevant_filenames_file_restricts_the_input(demo_folder, run_curate, tm
     folder, _ = demo_folder
     patterns = tmp_path / "relevant.txt"
     patterns.write_text("# only scenes, but one\nscenes/*\n!scenes/scene_001.png\n")
-    run = run_curate(f"input={folder}", f"output={tmp_path / 'out'}",
-                     f"datasource.relevant_filenames_file={patterns}",
-                     "stopping_condition.proportion_samples=1")
+    run = run_curate(
+        f"input={folder}",
+        f"output={tmp_path / 'out'}",
+        f"datasource.relevant_filenames_file={patterns}",
+        "stopping_condition.proportion_samples=1",
+    )
     selected = run.names("selected")
     assert run.report["counts"]["discovered"] == 59
     assert all(name.startswith("scenes/") for name in selected)
@@ -128,15 +138,23 @@ def test_relevant_filenames_file_restricts_the_input(demo_folder, run_curate, tm
 
 def test_min_distance_alone_stops_the_selection(demo_folder, run_curate, tmp_path):
     folder, _ = demo_folder
-    loose = run_curate(f"input={folder}", f"output={tmp_path}", "stopping_condition.min_distance=0.05")
-    tight = run_curate(f"input={folder}", f"output={tmp_path}", "stopping_condition.min_distance=0.3")
+    loose = run_curate(
+        f"input={folder}", f"output={tmp_path}", "stopping_condition.min_distance=0.05"
+    )
+    tight = run_curate(
+        f"input={folder}", f"output={tmp_path}", "stopping_condition.min_distance=0.3"
+    )
     assert 0 < len(tight.names("selected")) < len(loose.names("selected"))
 
 
 def test_corruptness_check_off_still_flags_unreadable_files(demo_folder, run_curate, tmp_path):
     folder, expected = demo_folder
-    run = run_curate(f"input={folder}", f"output={tmp_path}", "enable_corruptness_check=false",
-                     "stopping_condition.n_samples=5")
+    run = run_curate(
+        f"input={folder}",
+        f"output={tmp_path}",
+        "enable_corruptness_check=false",
+        "stopping_condition.n_samples=5",
+    )
     unreadable = {n for n, r in expected.items() if r.startswith(("not an image", "zero bytes"))}
     assert unreadable <= set(run.corrupt)
     assert json.loads((run.path / "report.json").read_text())["counts"]["selected"] == 5

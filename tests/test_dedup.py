@@ -49,9 +49,5 @@ def test_chain_where_the_byte_original_is_a_pixel_copy_drops_all_but_the_first()
     assert set(find_duplicates(_frame(CHAIN))) == {"b.png", "c.png"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: c.png maps to b.png (itself a duplicate), not to the kept a.png",
-)
 def test_chain_maps_every_duplicate_to_a_kept_name() -> None:
     assert find_duplicates(_frame(CHAIN)) == {"b.png": "a.png", "c.png": "a.png"}

@@ -132,7 +132,6 @@ def _not_a_state_dict() -> torch.Tensor:
     return torch.zeros(3)
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: only missing keys are checked")
 @pytest.mark.parametrize("make", [_resnet34_state, _mismatched_shape_state, _not_a_state_dict])
 def test_checkpoint_of_another_architecture_is_an_error(
     tmp_path: Path, make: Callable[[], object]

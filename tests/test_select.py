@@ -42,7 +42,6 @@ def test_proportion_samples_rounds_up(strategy: str) -> None:
     assert len(_pick(_random(30), strategy, proportion_samples=0.01)) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: ceil(0.07 * 100) is 8 in floating point")
 def test_proportion_of_a_round_count_is_not_rounded_up_by_float_error() -> None:
     assert len(_pick(_random(100), "random", proportion_samples=0.07)) == 7
 
@@ -121,6 +120,5 @@ def test_a_single_candidate_is_picked(strategy: str) -> None:
     assert _pick(_random(1), strategy, n_samples=5) == [0]
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="known bug: typicality topk on n=1")
 def test_typical_coverage_of_a_single_candidate_picks_it() -> None:
     assert _pick(_random(1), "typical_coverage", n_samples=5) == [0]

@@ -25,8 +25,9 @@ def test_default_selection_beats_the_mean_of_20_random_subsets(
     digits_folder, run_curate, tmp_path_factory, budget
 ):
     output = tmp_path_factory.getbasetemp() / "digits-output"  # shared: embeddings cached
-    run = run_curate(f"input={digits_folder}", f"output={output}",
-                     f"stopping_condition.n_samples={budget}")
+    run = run_curate(
+        f"input={digits_folder}", f"output={output}", f"stopping_condition.n_samples={budget}"
+    )
     table = pd.read_csv(run.path / "data/embeddings.csv")
     names = table["filenames"].tolist()
     vectors = table.filter(like="embedding_").to_numpy(dtype=np.float32)
@@ -36,9 +37,15 @@ def test_default_selection_beats_the_mean_of_20_random_subsets(
     assert len(selected) == budget
 
     ours = one_nn_accuracy(vectors, labels, selected)
-    random = np.mean([
-        one_nn_accuracy(vectors, labels, np.random.default_rng(seed).choice(len(names), budget, replace=False))
-        for seed in range(20)
-    ])
+    random = np.mean(
+        [
+            one_nn_accuracy(
+                vectors,
+                labels,
+                np.random.default_rng(seed).choice(len(names), budget, replace=False),
+            )
+            for seed in range(20)
+        ]
+    )
     print(f"budget {budget}: default {ours:.3f} vs random mean {random:.3f}")
     assert ours > random
