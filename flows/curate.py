@@ -134,9 +134,14 @@ def curate(config: CurateConfig) -> str:
 
     check = check_shard.with_options(result_storage=results)
     embed = embed_shard.with_options(result_storage=results)
-    check_futures, embed_futures = [], []
+    check_futures: list[PrefectFuture[CheckedShard]] = []
+    embed_futures: list[PrefectFuture[EmbeddedShard]] = []
+    # On a GPU, checking shard i+1 (CPU) overlaps embedding shard i. On a CPU both want
+    # every core, and torch's threads slow down badly when decoding threads preempt
+    # them, so there each shard's check waits for the previous shard's embedding.
+    overlap = device.type == "cuda"
     for shard in found.shards:
-        checked = check.submit(
+        checked = check.submit(  # type: ignore[call-overload]  # typed overload lacks wait_for
             shard,
             config.input,
             config.output,
@@ -144,6 +149,7 @@ def curate(config: CurateConfig) -> str:
             config.enable_corruptness_check,
             input_size,
             workers,
+            wait_for=[] if overlap or not embed_futures else [embed_futures[-1]],
         )
         check_futures.append(checked)
         embed_futures.append(

@@ -44,7 +44,6 @@ def describe(name: str, data: bytes, decoded: Decoded) -> dict[str, object]:
     """One metadata row for a decoded image."""
     rgb = np.asarray(decoded.image, dtype=np.uint8)
     luma = np.asarray(decoded.image.convert("L"), dtype=np.float32)
-    hsv = np.asarray(decoded.image.convert("HSV"), dtype=np.uint8)
     pixel_hash = hashlib.sha256(f"{rgb.shape}".encode())
     pixel_hash.update(rgb.tobytes())
     return {
@@ -56,11 +55,21 @@ def describe(name: str, data: bytes, decoded: Decoded) -> dict[str, object]:
         "mode": decoded.mode,
         "brightness": float(luma.mean()) / 255.0,
         "contrast": float(luma.std()) / 255.0,
-        "saturation": float(hsv[..., 1].mean()) / 255.0,
+        "saturation": mean_saturation(rgb),
         "sharpness": laplacian_variance(luma),
         "content_hash": hashlib.sha256(data).hexdigest(),
         "pixel_hash": pixel_hash.hexdigest(),
     }
+
+
+def mean_saturation(rgb: np.ndarray) -> float:
+    """Mean HSV saturation, (max - min) / max per pixel, without an HSV conversion
+    (which costs more than all other metadata together)."""
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]  # max(axis=2) is 30x slower
+    high = np.maximum(np.maximum(red, green), blue).astype(np.float32)
+    low = np.minimum(np.minimum(red, green), blue).astype(np.float32)
+    saturation = np.divide(high - low, high, out=np.zeros_like(high), where=high > 0)
+    return float(saturation.mean())
 
 
 def laplacian_variance(luma: np.ndarray) -> float:

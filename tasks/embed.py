@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,11 @@ import timm
 import torch
 
 from tasks.caching import artifact_key, cached_step, step_key
-from tasks.check import CheckedShard, check_images, npy_bytes, read_npy
+from tasks.check import CheckedShard, decode_image, model_input, npy_bytes, read_npy
 from tasks.describe import read_parquet_bytes
 from tasks.device import pick_device
 from tasks.errors import CurateError
-from tasks.storage import ObjectInfo, open_storage
+from tasks.storage import Storage, open_storage
 
 # Classifier weights a backbone checkpoint may carry; the embedding model has no head.
 _HEAD_PREFIXES = ("fc.", "head.", "classifier.", "head.fc.", "last_linear.")
@@ -175,6 +176,24 @@ def get_embedder(
         return _embedders[key]
 
 
+def load_model_inputs(
+    source: Storage, names: list[str], draft_size: int | None, input_size: int, workers: int
+) -> np.ndarray:
+    """Read and decode images that passed the check, for the model only."""
+
+    def load(name: str) -> np.ndarray:
+        decoded = decode_image(source.read(name), 2**62, full_check=False, draft_size=draft_size)
+        if isinstance(decoded, str):  # it passed the check earlier in this run
+            raise CurateError(f"{source.join(name)}: changed during the run ({decoded})")
+        return model_input(decoded.image, input_size)
+
+    inputs = np.empty((len(names), input_size, input_size, 3), dtype=np.uint8)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for i, pixels in enumerate(pool.map(load, names)):
+            inputs[i] = pixels
+    return inputs
+
+
 @dataclass(frozen=True)
 class EmbeddedShard:
     shard_index: int
@@ -204,15 +223,10 @@ def embed_shard(
     if output.exists(checked.inputs):
         inputs = read_npy(output, checked.inputs)
     else:
-        metadata = read_parquet_bytes(output.read(checked.metadata))
-        objects = [
-            ObjectInfo(n, s, "") for n, s in zip(metadata.filename, metadata.file_size, strict=True)
-        ]
-        _, corrupt, inputs = check_images(
-            source, objects, 2**62, checked.full_check, input_size, num_workers
-        )
-        if corrupt:  # the object changed since it was checked
-            raise CurateError(f"{source.join(next(iter(corrupt)))}: changed during the run")
+        names = read_parquet_bytes(output.read(checked.metadata))["filename"].tolist()
+        # The same pixels as the check made: JPEGs at reduced size only when it did.
+        draft_size = None if checked.full_check else input_size
+        inputs = load_model_inputs(source, names, draft_size, input_size, num_workers)
     embedder = get_embedder(model, weights, checkpoint, pick_device(device))
     embeddings = embedder.embed(inputs, batch_size)
     embeddings_key = artifact_key("embed", key, ".npy")

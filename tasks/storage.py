@@ -127,10 +127,11 @@ class LocalStorage(Storage):
         self.root = Path(parsed.path if parsed.scheme == "file" else url).expanduser().resolve()
 
     def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if path != self.root and self.root not in path.parents:
+        # A lexical check (no syscalls, unlike resolve()): keys come from our own listing
+        # or manifests, so `..` and absolute keys are the only ways out of the root.
+        if key.startswith("/") or ".." in key.split("/"):
             raise CurateError(f"{key}: outside the storage root {self.url}")
-        return path
+        return self.root / key
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         base = self._path(prefix) if prefix else self.root
