@@ -1,0 +1,71 @@
+"""A 20,000-image run streams: its peak memory stays under 2 GB plus the model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flows.demo import encode
+
+# Runs the flow in a fresh process (ephemeral Prefect server in its own subprocess) and
+# reports the process's own peak resident memory and the model's size.
+RUN = """
+import json, resource, sys
+from flows.curate import curate
+from tasks.config import load_config
+from tasks.embed import _embedders
+run_dir = curate(load_config(None, sys.argv[1:]))
+model_bytes = sum(p.numel() * p.element_size() for e in _embedders.values()
+                  for p in e.model.parameters())
+print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "model_mb": model_bytes / 2**20, "run_dir": run_dir}))
+"""
+
+
+def _write_images(folder: Path, count: int) -> None:
+    def write(i: int) -> None:
+        rng = np.random.default_rng(i)
+        pixels = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)  # smooth, distinct images
+        image = Image.fromarray(pixels).resize((64, 64), Image.Resampling.BILINEAR)
+        (folder / f"{i // 1000:02d}" / f"img_{i:05d}.jpg").write_bytes(encode(image, "JPEG"))
+
+    for sub in range(count // 1000 + 1):
+        (folder / f"{sub:02d}").mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(write, range(count)))
+
+
+@pytest.mark.slow
+def test_peak_memory_of_a_20k_image_run_stays_under_2_gb_plus_the_model(tmp_path):
+    folder = tmp_path / "images"
+    _write_images(folder, 20_000)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            RUN,
+            f"input={folder}",
+            f"output={tmp_path / 'out'}",
+            "stopping_condition.n_samples=500",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"peak {measured['peak_mb']:.0f} MB, model {measured['model_mb']:.0f} MB")
+    report = json.loads((Path(measured["run_dir"]) / "report.json").read_text())
+    assert report["counts"]["valid"] == 20_000
+    assert report["counts"]["selected"] == 500
+    assert measured["peak_mb"] < 2048 + measured["model_mb"]
