@@ -1,9 +1,10 @@
 """The curate pipeline: discover -> check (+describe) -> dedup -> embed -> select -> export.
 
-Shards flow through check and embed as a stream (embedding of shard i overlaps the
-check of shard i+1), so model inputs waiting on disk stay bounded to the shards in
-flight. Every step but discover and export is cached by content identity; the report
-says how many shards each step took from the cache.
+Shards flow through check and embed as a stream: each shard's model inputs are embedded
+(and deleted) soon after its check, so the disk holds those of the shards in flight
+only. On a GPU the check of shard i+1 overlaps the embedding of shard i. Every step but
+discover and export is cached by content identity; the report says how many shards each
+step took from the cache.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def package_versions() -> dict[str, str]:
 
 
 def num_workers(setting: int) -> int:
-    return os.cpu_count() or 1 if setting == -1 else max(1, setting)
+    """Threads for decoding: -1 means one per vCPU."""
+    return (os.cpu_count() or 1) if setting == -1 else max(1, setting)
 
 
 def _result_storage(output: Storage) -> Path:

@@ -26,11 +26,17 @@ PIPELINE_VERSION = "1"
 CACHE_PREFIX = "cache"
 
 
+# Fields of step results that measure a run rather than name content: an upstream shard
+# recomputed to the same artifacts must not invalidate what was built on it.
+MEASUREMENTS = frozenset({"seconds", "bytes_read"})
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
+        fields = dataclasses.asdict(value)
+        return {k: v for k, v in fields.items() if k not in MEASUREMENTS}
     if isinstance(value, (set, frozenset)):
         return sorted(value)
     raise TypeError(f"cannot hash {type(value).__name__} into a cache key")

@@ -196,7 +196,3 @@ def open_storage(url: str) -> Storage:
     raise CurateError(
         f"{url}: the {scheme}:// scheme is not supported yet (supported: a folder, file://)"
     )
-
-
-def is_local(url: str) -> bool:
-    return isinstance(open_storage(url), LocalStorage)

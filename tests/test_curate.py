@@ -158,3 +158,11 @@ def test_corruptness_check_off_still_flags_unreadable_files(demo_folder, run_cur
     unreadable = {n for n, r in expected.items() if r.startswith(("not an image", "zero bytes"))}
     assert unreadable <= set(run.corrupt)
     assert json.loads((run.path / "report.json").read_text())["counts"]["selected"] == 5
+
+
+def test_num_workers_setting_is_honoured():
+    from flows.curate import num_workers
+
+    assert num_workers(3) == 3
+    assert num_workers(-1) >= 1
+    assert num_workers(0) == 1
