@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger, task
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.caching import CACHE_PREFIX, PIPELINE_VERSION, retry_if_transient
+from tasks.caching import CACHE_PREFIX, PIPELINE_VERSION, OutputResults, retry_if_transient
 from tasks.check import CheckedShard, check_shard
 from tasks.config import CurateConfig
 from tasks.dedup import dedup
@@ -52,12 +52,12 @@ def num_workers(setting: int) -> int:
     return (os.cpu_count() or 1) if setting == -1 else max(1, setting)
 
 
-def _result_storage(output: Storage) -> Path:
+def _result_storage(output: Storage) -> Path | OutputResults:
     """Prefect's cache records live next to the artifacts they point to, so deleting the
     output deletes both, and a cache hit never points at a missing file."""
-    if not isinstance(output, LocalStorage):
-        raise CurateError(f"output {output.url}: only local outputs are supported yet")
-    return output.root / CACHE_PREFIX / "results"
+    if isinstance(output, LocalStorage):
+        return output.root / CACHE_PREFIX / "results"
+    return OutputResults(url=output.url)
 
 
 @task(
@@ -99,6 +99,7 @@ def _collect(futures: list[PrefectFuture[Any]], stats: StepStats) -> list[Any]:
         else:
             stats.seconds += result.seconds
             stats.bytes_read += result.bytes_read
+            stats.retries += result.retries
         results.append(result)
     return results
 
@@ -126,7 +127,9 @@ def curate(config: CurateConfig) -> str:
 
     t = time.perf_counter()
     found = discover_task(config)
-    steps["discover"] = StepStats(seconds=time.perf_counter() - t, shards=len(found.shards))
+    steps["discover"] = StepStats(
+        seconds=time.perf_counter() - t, retries=found.retries, shards=len(found.shards)
+    )
     logger.info(
         "discovered %d images in %d shards (%d other objects skipped)",
         found.discovered,

@@ -8,6 +8,7 @@ changes. Artifacts (Parquet, .npy) live in the output location under the same ke
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -15,8 +16,12 @@ from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
 from prefect import Task, task
+from prefect._internal.compatibility.async_dispatch import async_dispatch
+from prefect.filesystems import WritableFileSystem
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
+
+from tasks.storage import Storage, open_storage
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -28,7 +33,7 @@ CACHE_PREFIX = "cache"
 
 # Fields of step results that measure a run rather than name content: an upstream shard
 # recomputed to the same artifacts must not invalidate what was built on it.
-MEASUREMENTS = frozenset({"seconds", "bytes_read"})
+MEASUREMENTS = frozenset({"seconds", "bytes_read", "retries"})
 
 
 def _plain(value: Any) -> Any:
@@ -87,6 +92,33 @@ def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
     except Exception as exc:
         return is_transient(exc)
     return False
+
+
+class OutputResults(WritableFileSystem):
+    """Prefect's cache records, kept in the output location through our storage layer:
+    next to the artifacts they point to, on any backend, readable by every worker."""
+
+    _block_type_name = "Curate Output Results"
+    url: str
+
+    async def aread_path(self, path: str) -> bytes:
+        return await asyncio.to_thread(self._storage().read, path)
+
+    @async_dispatch(aread_path)
+    def read_path(self, path: str) -> bytes:  # type: ignore[override]  # Prefect's own pattern
+        return self._storage().read(path)
+
+    async def awrite_path(self, path: str, content: bytes) -> str:
+        await asyncio.to_thread(self._storage().write, path, content)
+        return path
+
+    @async_dispatch(awrite_path)
+    def write_path(self, path: str, content: bytes) -> str:  # type: ignore[override]
+        self._storage().write(path, content)
+        return path
+
+    def _storage(self) -> Storage:
+        return open_storage(f"{self.url.rstrip('/')}/{CACHE_PREFIX}/results")
 
 
 def cached_step(name: str, retries: int = 3) -> Callable[[Callable[P, R]], Task[P, R]]:

@@ -14,7 +14,6 @@ import json
 import struct
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +22,7 @@ from PIL import Image, ImageSequence, UnidentifiedImageError
 from tasks.caching import artifact_key, cached_step, step_key
 from tasks.describe import describe, metadata_frame, to_parquet_bytes
 from tasks.discover import Shard, read_manifest
-from tasks.storage import ObjectInfo, Storage, open_storage
+from tasks.storage import ObjectInfo, Storage, open_storage, process_objects
 
 # We check the pixel count ourselves, against the configured limit, before decoding.
 Image.MAX_IMAGE_PIXELS = None
@@ -168,19 +167,10 @@ class CheckedShard:
     corrupt_count: int
     bytes_read: int
     seconds: float
+    retries: int = 0
 
 
-def _inspect(
-    storage: Storage, obj: ObjectInfo, max_pixels: int, full_check: bool, input_size: int
-) -> tuple[dict[str, object] | None, str | None, np.ndarray | None]:
-    try:
-        data = storage.read(obj.key)
-    except FileNotFoundError:
-        return None, "missing: deleted after listing", None
-    decoded = decode_image(data, max_pixels, full_check, draft_size=input_size)
-    if isinstance(decoded, str):
-        return None, decoded, None
-    return describe(obj.key, data, decoded), None, model_input(decoded.image, input_size)
+Inspection = tuple[dict[str, object], np.ndarray] | str  # (metadata, model input) or why not
 
 
 def check_images(
@@ -192,21 +182,27 @@ def check_images(
     num_workers: int,
 ) -> tuple[list[dict[str, object]], dict[str, str], np.ndarray]:
     """Read each object once; return metadata rows, corrupt reasons and model inputs."""
+
+    def inspect(key: str, data: bytes) -> Inspection:
+        decoded = decode_image(data, max_pixels, full_check, draft_size=input_size)
+        if isinstance(decoded, str):
+            return decoded
+        return describe(key, data, decoded), model_input(decoded.image, input_size)
+
     rows: list[dict[str, object]] = []
     corrupt: dict[str, str] = {}
     inputs = np.empty((len(objects), input_size, input_size, 3), dtype=np.uint8)
-    # Pillow releases the GIL while decoding, so threads scale on cores and on I/O.
-    with ThreadPoolExecutor(max_workers=num_workers) as pool:
-        results = pool.map(
-            lambda o: _inspect(input_storage, o, max_pixels, full_check, input_size), objects
-        )
-        for obj, (row, reason, pixels) in zip(objects, results, strict=True):
-            if reason is not None:
-                corrupt[obj.key] = reason
-            else:
-                assert row is not None and pixels is not None
-                inputs[len(rows)] = pixels
-                rows.append(row)
+    keys = [obj.key for obj in objects]
+    for key, outcome in process_objects(input_storage, keys, inspect, num_workers):
+        if isinstance(outcome, FileNotFoundError):
+            corrupt[key] = "missing: deleted after listing"
+        elif isinstance(outcome, Exception):
+            raise outcome  # unreachable storage or a bug: not the object's fault
+        elif isinstance(outcome, str):
+            corrupt[key] = outcome
+        else:
+            inputs[len(rows)] = outcome[1]
+            rows.append(outcome[0])
     return rows, corrupt, inputs[: len(rows)]
 
 
@@ -244,6 +240,7 @@ def check_shard(
         corrupt_count=len(corrupt),
         bytes_read=source.bytes_read,
         seconds=time.perf_counter() - started,
+        retries=source.retries + output.retries,
     )
 
 

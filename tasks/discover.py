@@ -114,6 +114,7 @@ class Discovery:
     discovered: int  # images found (after relevant-filename filtering)
     skipped: int  # objects that are not images or not relevant
     total_bytes: int
+    retries: int = 0
 
 
 def discover(
@@ -159,4 +160,5 @@ def discover(
         discovered=discovered,
         skipped=skipped,
         total_bytes=sum(s.total_bytes for s in shards),
+        retries=input_storage.retries + output_storage.retries,
     )

@@ -13,7 +13,6 @@ import difflib
 import hashlib
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from tasks.check import CheckedShard, decode_image, model_input, npy_bytes, read
 from tasks.describe import read_parquet_bytes
 from tasks.device import pick_device
 from tasks.errors import CurateError
-from tasks.storage import Storage, open_storage
+from tasks.storage import Storage, open_storage, process_objects
 
 # Classifier weights a backbone checkpoint may carry; the embedding model has no head.
 _HEAD_PREFIXES = ("fc.", "head.", "classifier.", "head.fc.", "last_linear.")
@@ -181,16 +180,19 @@ def load_model_inputs(
 ) -> np.ndarray:
     """Read and decode images that passed the check, for the model only."""
 
-    def load(name: str) -> np.ndarray:
-        decoded = decode_image(source.read(name), 2**62, full_check=False, draft_size=draft_size)
+    def load(name: str, data: bytes) -> np.ndarray:
+        decoded = decode_image(data, 2**62, full_check=False, draft_size=draft_size)
         if isinstance(decoded, str):  # it passed the check earlier in this run
             raise CurateError(f"{source.join(name)}: changed during the run ({decoded})")
         return model_input(decoded.image, input_size)
 
     inputs = np.empty((len(names), input_size, input_size, 3), dtype=np.uint8)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for i, pixels in enumerate(pool.map(load, names)):
-            inputs[i] = pixels
+    for i, (name, pixels) in enumerate(process_objects(source, names, load, workers)):
+        if isinstance(pixels, FileNotFoundError):
+            raise CurateError(f"{source.join(name)}: deleted during the run")
+        if isinstance(pixels, Exception):
+            raise pixels
+        inputs[i] = pixels
     return inputs
 
 
@@ -201,6 +203,7 @@ class EmbeddedShard:
     count: int
     bytes_read: int
     seconds: float
+    retries: int = 0
 
 
 @cached_step("embed")
@@ -238,4 +241,5 @@ def embed_shard(
         count=len(embeddings),
         bytes_read=source.bytes_read,
         seconds=time.perf_counter() - started,
+        retries=source.retries + output.retries,
     )

@@ -37,6 +37,7 @@ class StepStats:
 
     seconds: float = 0.0
     bytes_read: int = 0
+    retries: int = 0
     shards: int = 0
     cached_shards: int = 0
 
@@ -124,7 +125,9 @@ def export(
         json.dumps({"corrupt_samples": corrupt, "corrupt_videos": {}}, indent=2, sort_keys=True),
     )
     finished = time.perf_counter()
-    summary.steps["export"] = StepStats(seconds=finished - export_started, shards=1)
+    summary.steps["export"] = StepStats(
+        seconds=finished - export_started, retries=output.retries, shards=1
+    )
     summary.seconds = finished - run_started
     document = report(summary, metadata, corrupt, duplicates, selected)
     output.write_text(f"{run}/report.json", json.dumps(document, indent=2))
@@ -140,6 +143,7 @@ def report(
     selected: list[str],
 ) -> dict[str, Any]:
     bytes_read = sum(step.bytes_read for step in summary.steps.values())
+    retries = sum(step.retries for step in summary.steps.values())
     return {
         "run_id": summary.run_id,
         "counts": {
@@ -159,6 +163,7 @@ def report(
             "dataset": summary.dataset_bytes,
             "ratio": round(bytes_read / summary.dataset_bytes, 4) if summary.dataset_bytes else 0,
         },
+        "retries": retries,
         "seconds": round(summary.seconds, 3),
         "embedding": summary.embedding,
         "config": summary.config,

@@ -1,21 +1,29 @@
 """One storage interface for every read and write of the pipeline.
 
 Steps never open paths: they ask a `Storage` rooted at the input or output URL for keys
-relative to that root (`photos/a.jpg`, `/` separators). Each backend counts the bytes it
-reads, so the report can say what every step cost in traffic. Writes are atomic (a
-reader sees the old object or the new one, never half of one).
+relative to that root (`photos/a.jpg`, `/` separators). Listing is lazy and in key order
+(the order buckets list in), so shards come out the same on every backend. Each backend
+counts the bytes it reads and the retries it needed, so the report can say what every
+step cost in traffic. Writes are atomic (a reader sees the old object or the new one,
+never half of one). Transient failures are retried with exponential backoff and jitter;
+a missing object is a FileNotFoundError; anything the user must fix is a CurateError
+naming the URL.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import random
 import threading
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlparse
 
 from tasks.errors import CurateError
@@ -30,25 +38,86 @@ class ObjectInfo:
     version: str  # mtime (local), ETag (S3), generation (GCS), ETag (Azure)
 
 
+T = TypeVar("T")
+
+# Attempts of one operation before a transient failure is given up on, and the backoff.
+MAX_ATTEMPTS = 8
+BACKOFF_BASE_SECONDS = 0.1
+BACKOFF_CAP_SECONDS = 10.0
+
+
 class Storage(ABC):
     """A root location; every key is relative to it."""
+
+    # Concurrent reads worth having in flight: high for remote stores (latency-bound),
+    # low for local disks.
+    read_concurrency = 4
+    # Attempts per operation in `_retrying`; 1 where the client library retries itself.
+    attempts = MAX_ATTEMPTS
 
     def __init__(self, url: str) -> None:
         self.url = url
         self._lock = threading.Lock()
         self._bytes_read = 0
+        self._retries = 0
 
     @property
     def bytes_read(self) -> int:
         return self._bytes_read
 
+    @property
+    def retries(self) -> int:
+        return self._retries
+
     def _count(self, n: int) -> None:
         with self._lock:
             self._bytes_read += n
 
+    def _count_retries(self, n: int) -> None:
+        with self._lock:
+            self._retries += n
+
+    def is_transient(self, exc: BaseException) -> bool:
+        """Worth retrying: throttling, timeouts, resets. Backends add their own types."""
+        return isinstance(exc, (ConnectionError, TimeoutError))
+
+    def _retrying(self, operation: Callable[[], T], where: str) -> T:
+        """Run `operation`, retrying transient failures with full-jitter exponential
+        backoff; when they persist, the storage is unreachable: a CurateError."""
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return operation()
+            except Exception as exc:
+                if not self.is_transient(exc):
+                    raise
+                if attempt == self.attempts:
+                    raise CurateError(
+                        f"{where}: unreachable after {attempt} attempt(s) "
+                        f"({type(exc).__name__}: {str(exc)[:160]})"
+                    ) from None
+                self._count_retries(1)
+                delay = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2**attempt)
+                time.sleep(random.uniform(0, delay))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def read_many(
+        self, keys: Iterable[str], concurrency: int | None = None
+    ) -> Iterator[tuple[str, bytes | Exception]]:
+        """(key, bytes or the exception) for each key, in order, with up to
+        `concurrency` reads in flight and no more than that many objects held ahead."""
+        window = concurrency or self.read_concurrency
+        pending: deque[tuple[str, Future[bytes]]] = deque()
+        with ThreadPoolExecutor(max_workers=window) as pool:
+            for key in keys:
+                pending.append((key, pool.submit(self.read, key)))
+                if len(pending) >= window:
+                    yield _outcome(*pending.popleft())
+            while pending:
+                yield _outcome(*pending.popleft())
+
     @abstractmethod
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Objects under `prefix`, lazily, in no particular order."""
+        """Objects under `prefix`, lazily, in key order."""
 
     @abstractmethod
     def read(self, key: str) -> bytes:
@@ -87,6 +156,69 @@ class Storage(ABC):
     def join(self, key: str) -> str:
         """The URL of a key, for messages and references."""
         return self.url.rstrip("/") + "/" + key
+
+
+def process_objects(
+    storage: Storage, keys: Iterable[str], work: Callable[[str, bytes], T], workers: int
+) -> Iterator[tuple[str, T | Exception]]:
+    """Read `keys` with the storage's concurrency and run `work(key, data)` on `workers`
+    threads (Pillow and numpy release the GIL); (key, result or exception) in key order.
+    Both stages run a bounded window ahead, so memory holds a few dozen objects."""
+    pending: deque[tuple[str, Future[T] | Exception]] = deque()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for key, data in storage.read_many(keys):
+            pending.append(
+                (key, data if isinstance(data, Exception) else pool.submit(work, key, data))
+            )
+            if len(pending) >= 2 * workers:
+                yield _outcome(*pending.popleft())
+        while pending:
+            yield _outcome(*pending.popleft())
+
+
+def _outcome(key: str, future: Future[Any] | Exception) -> tuple[str, Any]:
+    if isinstance(future, Exception):
+        return key, future
+    try:
+        return key, future.result()
+    except Exception as exc:
+        return key, exc
+
+
+class RangeReader(io.RawIOBase):
+    """A seekable stream over an object that reads it by ranges (for remote stores)."""
+
+    def __init__(self, storage: Storage, key: str, size: int) -> None:
+        self._storage, self._key, self._size = storage, key, size
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        end = min(self._size, self._position + len(buffer))
+        if end <= self._position:
+            return 0
+        data = self._storage.read_range(self._key, self._position, end)
+        buffer[: len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+
+def open_ranges(storage: Storage, key: str, size: int, buffer_size: int = 1 << 20) -> BinaryIO:
+    """A buffered seekable stream: each remote request fetches at least `buffer_size`."""
+    return io.BufferedReader(RangeReader(storage, key, size), buffer_size)  # type: ignore[return-value]
 
 
 class _CountingReader(io.RawIOBase):
@@ -137,17 +269,27 @@ class LocalStorage(Storage):
         base = self._path(prefix) if prefix else self.root
         if not base.is_dir():
             raise CurateError(f"{self.join(prefix)}: no such folder")
-        for dirpath, dirnames, filenames in os.walk(base, onerror=None):
-            dirnames.sort()
-            for name in sorted(filenames):
-                path = Path(dirpath) / name
-                try:
-                    stat = path.stat()
-                except OSError:
-                    continue  # removed while listing
-                if not path.is_file():
-                    continue
-                key = path.relative_to(self.root).as_posix()
+        relative = base.relative_to(self.root).as_posix()
+        yield from self._walk(base, "" if relative == "." else relative + "/")
+
+    def _walk(self, directory: Path, key_prefix: str) -> Iterator[ObjectInfo]:
+        """Depth first, in plain string order of the full keys: a folder sorts as
+        `name/`, which puts `a.jpg` before `a/b.jpg` before `a0.jpg`, as buckets do."""
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            return  # removed or unreadable while listing
+        folders = {e.name for e in entries if e.is_dir(follow_symlinks=False)}
+        for entry in sorted(entries, key=lambda e: e.name + "/" if e.name in folders else e.name):
+            key = key_prefix + entry.name
+            if entry.name in folders:
+                yield from self._walk(Path(entry.path), key + "/")
+                continue
+            try:
+                stat = entry.stat()
+            except OSError:
+                continue  # removed while listing
+            if entry.is_file():
                 yield ObjectInfo(key=key, size=stat.st_size, version=str(stat.st_mtime_ns))
 
     def read(self, key: str) -> bytes:
@@ -191,8 +333,12 @@ class LocalStorage(Storage):
 def open_storage(url: str) -> Storage:
     """The backend for a URL; the only place that looks at URL schemes."""
     scheme = urlparse(url).scheme
-    if scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):
+    if scheme in ("", "file"):
         return LocalStorage(url)
-    raise CurateError(
-        f"{url}: the {scheme}:// scheme is not supported yet (supported: a folder, file://)"
-    )
+    from tasks.cloud import BACKENDS
+
+    if scheme not in BACKENDS:
+        raise CurateError(
+            f"{url}: unsupported scheme {scheme}:// (use a folder, file://, s3://, gs://, az://)"
+        )
+    return BACKENDS[scheme](url)

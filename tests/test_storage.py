@@ -103,5 +103,5 @@ def test_a_key_escaping_the_root_raises(storage: Storage, key: str) -> None:
 
 
 def test_unsupported_scheme_raises_naming_the_url() -> None:
-    with pytest.raises(CurateError, match=r"ftp://x.*not supported"):
+    with pytest.raises(CurateError, match=r"ftp://x.*unsupported scheme"):
         open_storage("ftp://x")
