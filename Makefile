@@ -7,11 +7,13 @@ PIP_QUIET := --quiet --disable-pip-version-check --no-warn-script-location
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt infra/azurite/package-lock.json
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install $(PIP_QUIET) -c constraints.txt -e ".[dev]" > $(VENV)/install.log 2>&1 \
 		|| { grep -v "^WARNING: Location" $(VENV)/install.log; exit 1; }
 	$(PY) -c "import flows.cli, tasks.embed"  # fail here, not later, if the install is broken
+	npm ci --prefix infra/azurite --no-audit --no-fund > $(VENV)/npm.log 2>&1 \
+		|| { cat $(VENV)/npm.log; exit 1; }  # Azurite, the Azure Blob emulator for tests
 	touch $@
 
 demo: install

@@ -9,6 +9,7 @@ step took from the cache.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -57,7 +58,13 @@ def _result_storage(output: Storage) -> Path | OutputResults:
     output deletes both, and a cache hit never points at a missing file."""
     if isinstance(output, LocalStorage):
         return output.root / CACHE_PREFIX / "results"
-    return OutputResults(url=output.url)
+    # Prefect wants result storage saved server-side (so workers elsewhere can load it);
+    # the block holds the URL only, credentials stay in each machine's environment.
+    block = OutputResults(url=output.url)
+    block.save(
+        f"curate-results-{hashlib.sha256(output.url.encode()).hexdigest()[:16]}", overwrite=True
+    )
+    return block
 
 
 @task(

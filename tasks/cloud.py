@@ -100,27 +100,22 @@ class S3Storage(_BucketStorage):
         self.client = boto3.session.Session().client("s3", config=config)
 
     def is_transient(self, exc: BaseException) -> bool:
+        # HTTPClientError covers resets mid-request and timeouts (ConnectionClosedError,
+        # ReadTimeoutError); ConnectionError covers refused connections.
         from botocore.exceptions import (
             ConnectionError as BotoConnectionError,
         )
         from botocore.exceptions import (
+            HTTPClientError,
             IncompleteReadError,
-            ReadTimeoutError,
             ResponseStreamingError,
         )
         from urllib3.exceptions import ProtocolError
 
-        streaming = (
-            BotoConnectionError,
-            IncompleteReadError,
-            ReadTimeoutError,
-            ResponseStreamingError,
-            ProtocolError,
-        )
-        return (
-            super().is_transient(exc)
-            or isinstance(exc, streaming)
-            or (_s3_status(exc) in (429, 500, 502, 503, 504))
+        streaming = (BotoConnectionError, HTTPClientError, IncompleteReadError,
+                     ResponseStreamingError, ProtocolError)
+        return super().is_transient(exc) or isinstance(exc, streaming) or (
+            _s3_status(exc) in (429, 500, 502, 503, 504)
         )
 
     def _call(self, operation: str, key: str | None = None, **kwargs: Any) -> Any:
@@ -339,16 +334,17 @@ class GCSStorage(_FsspecStorage):
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
-        # gcsfs probes a gRPC bucket type that hangs against emulators (environment.md).
-        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-        import gcsfs
+        # gcsfs.GCSFileSystem may be an experimental subclass (chosen at import time)
+        # whose gRPC bucket probe hangs against emulators; the core class never is.
+        from gcsfs.core import GCSFileSystem
 
         emulator = os.environ.get("STORAGE_EMULATOR_HOST")
         if emulator:
+            # Never real credentials against an emulator.
             endpoint = emulator if "://" in emulator else f"http://{emulator}"
-            self.fs = gcsfs.GCSFileSystem(endpoint_url=endpoint, token="anon")
+            self.fs = GCSFileSystem(endpoint_url=endpoint, token="anon")
         else:
-            self.fs = gcsfs.GCSFileSystem()
+            self.fs = GCSFileSystem()
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         token: dict[str, str] = {}

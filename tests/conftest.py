@@ -16,8 +16,20 @@ os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = os.path.join(_PREFECT_HOME, "results")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# Cloud clients must never reach for real metadata servers or hang on emulators.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+os.environ.setdefault("NO_GCE_CHECK", "true")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 import pytest  # noqa: E402
+from servers import (  # noqa: E402
+    AzureServer,
+    GCSServer,
+    S3Server,
+    azure_server,
+    gcs_server,
+    s3_server,
+)
 
 from flows.demo import digit_images, encode, make_demo_folder  # noqa: E402
 
@@ -82,3 +94,24 @@ def run_curate(prefect_server: None):  # type: ignore[no-untyped-def]
         return Run(curate(load_config(None, list(args))))
 
     return run
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    """moto's S3 server on loopback, for the whole session."""
+    with s3_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def gcs() -> Iterator[GCSServer]:
+    """fake-gcs-server on loopback, for the whole session."""
+    with gcs_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def azure() -> Iterator[AzureServer]:
+    """Azurite's blob service on loopback, for the whole session."""
+    with azure_server() as server:
+        yield server
