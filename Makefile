@@ -34,6 +34,7 @@ type-check: install
 
 bench: install
 	$(PY) -m bench.bench_embed
+	$(PY) -m bench.bench_s3_read
 
 clean:
 	rm -rf demo-output demo-data .pytest_cache .mypy_cache .ruff_cache

@@ -78,18 +78,48 @@ def discover_task(config: CurateConfig) -> Discovery:
     source, output = open_storage(config.input), open_storage(config.output)
     patterns = None
     if config.datasource.relevant_filenames_file:
-        patterns = load_patterns(config.datasource.relevant_filenames_file, source)
+        patterns = load_patterns(config.datasource.relevant_filenames_file, source, output)
     return discover(source, output, config.shard_size, patterns)
+
+
+# Environment variables a credentials secret may set: the cloud clients' own.
+CREDENTIAL_PREFIXES = ("AWS_", "AZURE_", "GOOGLE_", "GCS", "STORAGE_EMULATOR_HOST")
+
+
+def apply_credentials(secret_name: str | None) -> None:
+    """Put a Prefect Secret's credentials into this process's environment, where the
+    cloud clients look for them. Values are never logged or reported."""
+    if not secret_name:
+        return
+    from prefect.blocks.system import Secret
+
+    try:
+        values = Secret.load(secret_name, _sync=True).get()  # type: ignore[call-arg, union-attr]
+    except Exception as exc:
+        raise CurateError(
+            f"storage.credentials_secret: cannot load Prefect Secret '{secret_name}' "
+            f"({type(exc).__name__})"
+        ) from None
+    if not isinstance(values, dict) or not all(
+        isinstance(k, str) and k.startswith(CREDENTIAL_PREFIXES) for k in values
+    ):
+        raise CurateError(
+            f"storage.credentials_secret: Secret '{secret_name}' must be a JSON object of "
+            f"cloud environment variables ({', '.join(CREDENTIAL_PREFIXES)}...)"
+        )
+    os.environ.update({key: str(value) for key, value in values.items()})
 
 
 def preflight(config: CurateConfig) -> None:
     """Fail fast, with one line naming the key or URL, before any Prefect run starts."""
-    _result_storage(open_storage(config.output))
+    apply_credentials(config.storage.credentials_secret)
+    output = open_storage(config.output)
+    output.exists("LATEST")  # reachable, with working credentials
     source = open_storage(config.input)
     if not any(is_image(obj.key) for obj in source.list()):
         raise CurateError(f"input {config.input}: no images found")
     if config.datasource.relevant_filenames_file:
-        load_patterns(config.datasource.relevant_filenames_file, source)
+        load_patterns(config.datasource.relevant_filenames_file, source, output)
     pick_device(config.embedding.device)
     check_model_name(config.embedding.model)
     resolve_weights(config.embedding.checkpoint, config.embedding.pretrained, config.seed)
@@ -116,6 +146,7 @@ def curate(config: CurateConfig) -> str:
     """Curate `config.input` into `config.output`; returns the run directory's URL."""
     logger = get_run_logger()
     started = time.perf_counter()
+    apply_credentials(config.storage.credentials_secret)
     output = open_storage(config.output)
     results = _result_storage(output)
     device = pick_device(config.embedding.device)

@@ -112,10 +112,17 @@ class S3Storage(_BucketStorage):
         )
         from urllib3.exceptions import ProtocolError
 
-        streaming = (BotoConnectionError, HTTPClientError, IncompleteReadError,
-                     ResponseStreamingError, ProtocolError)
-        return super().is_transient(exc) or isinstance(exc, streaming) or (
-            _s3_status(exc) in (429, 500, 502, 503, 504)
+        streaming = (
+            BotoConnectionError,
+            HTTPClientError,
+            IncompleteReadError,
+            ResponseStreamingError,
+            ProtocolError,
+        )
+        return (
+            super().is_transient(exc)
+            or isinstance(exc, streaming)
+            or (_s3_status(exc) in (429, 500, 502, 503, 504))
         )
 
     def _call(self, operation: str, key: str | None = None, **kwargs: Any) -> Any:

@@ -29,6 +29,16 @@ class Datasource(_Section):
     )
 
 
+class StorageSettings(_Section):
+    credentials_secret: str | None = Field(
+        None,
+        description="Name of a Prefect Secret block holding a JSON object of environment "
+        "variables for the cloud clients (e.g. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+        "AZURE_STORAGE_CONNECTION_STRING, GOOGLE_APPLICATION_CREDENTIALS): how a deployment "
+        "gets credentials without putting them in its parameters.",
+    )
+
+
 class CorruptnessCheck(_Section):
     max_image_pixels: int = Field(
         178_956_970,
@@ -97,6 +107,7 @@ class CurateConfig(_Section):
     input: str = Field(description="Folder, file://, s3://, gs:// or az:// URL.")
     output: str = Field(description="Where runs, reports and the datapool go.")
     datasource: Datasource = Datasource()
+    storage: StorageSettings = StorageSettings()
     enable_corruptness_check: bool = Field(
         True,
         description="Decode every image fully and flag failures; when false, JPEGs are "

@@ -65,14 +65,19 @@ def is_relevant(key: str, patterns: list[tuple[bool, str]]) -> bool:
     return decision
 
 
-def load_patterns(location: str, input_storage: Storage) -> list[tuple[bool, str]]:
-    """Read a relevant-filenames file from a URL/absolute path or the input location."""
+def load_patterns(
+    location: str, input_storage: Storage, output_storage: Storage
+) -> list[tuple[bool, str]]:
+    """Read a relevant-filenames file: a URL or absolute path, or a name relative to the
+    input location, else to the output location."""
     try:
         if "://" in location or location.startswith("/"):
             parent, name = location.rstrip("/").rsplit("/", 1)
             text = open_storage(parent or "/").read_text(name)
-        else:
+        elif input_storage.exists(location):
             text = input_storage.read_text(location)
+        else:
+            text = output_storage.read_text(location)
     except (OSError, UnicodeDecodeError) as exc:
         raise CurateError(
             f"datasource.relevant_filenames_file: cannot read {location} ({exc})"

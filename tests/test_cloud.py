@@ -241,3 +241,43 @@ def test_bad_cloud_input_is_a_one_line_error_naming_the_url(
     assert len(lines) == 1 and expected in lines[0], result.stderr
     for secret in ("testing", "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq"):
         assert f"={secret}" not in result.stderr and secret not in lines[0].split(":", 1)[-1]
+
+
+def test_credentials_from_a_prefect_secret_never_reach_the_report(
+    s3, demo_folder, run_curate, monkeypatch, tmp_path
+):
+    from prefect.blocks.system import Secret
+
+    bucket = _bucket("s3", s3)
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    folder, _ = demo_folder
+    _upload(folder / "scenes", f"{bucket}/raw")
+    secret = {"AWS_ACCESS_KEY_ID": "curate-key-id", "AWS_SECRET_ACCESS_KEY": "curate-s3cr3t"}
+    Secret(value=secret).save("curate-test-s3", overwrite=True)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+
+    run = run_curate(
+        f"input={bucket}/raw",
+        f"output={tmp_path}",
+        "storage.credentials_secret=curate-test-s3",
+        "stopping_condition.n_samples=5",
+    )
+    assert len(run.names("selected")) == 5
+    written = "".join(p.read_text(errors="ignore") for p in tmp_path.rglob("*.json"))
+    assert "curate-test-s3" in written  # the secret's name, in the config
+    assert "curate-s3cr3t" not in written and "curate-key-id" not in written
+
+
+def test_a_missing_credentials_secret_names_the_key(run_curate, tmp_path, demo_folder):
+    from tasks.errors import CurateError
+
+    folder, _ = demo_folder
+    with pytest.raises(CurateError, match="storage.credentials_secret"):
+        run_curate(
+            f"input={folder}",
+            f"output={tmp_path}",
+            "stopping_condition.n_samples=5",
+            "storage.credentials_secret=no-such-secret",
+        )

@@ -114,3 +114,18 @@ def test_discover_without_images_raises(tmp_path: Path) -> None:
     (tmp_path / "in" / "notes.txt").write_text("hi")
     with pytest.raises(CurateError, match="no images found"):
         discover(open_storage(str(tmp_path / "in")), open_storage(str(tmp_path / "out")), 10)
+
+
+def test_relevant_filenames_file_is_read_from_the_input_then_the_output(tmp_path: Path) -> None:
+    from tasks.discover import load_patterns
+
+    source, output = tmp_path / "in", tmp_path / "out"
+    source.mkdir()
+    output.mkdir()
+    (output / "relevant.txt").write_text("a/*\n")
+    in_storage, out_storage = open_storage(str(source)), open_storage(str(output))
+    assert load_patterns("relevant.txt", in_storage, out_storage) == [(True, "a/*")]
+    (source / "relevant.txt").write_text("!b/*\n")
+    assert load_patterns("relevant.txt", in_storage, out_storage) == [(False, "b/*")]
+    with pytest.raises(CurateError, match="relevant_filenames_file"):
+        load_patterns("missing.txt", in_storage, out_storage)
