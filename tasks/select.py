@@ -29,7 +29,7 @@ from tasks.storage import Storage, open_storage
 # keeps it O(n) in the dataset size.
 TYPICALITY_REFERENCES = 5000
 TYPICALITY_NEIGHBOURS = 20
-_CHUNK = 4096
+_CHUNK = 1024  # rows per distance block: 1024 x 5000 floats, 20 MB
 
 
 def budget(stopping: StoppingCondition, n_candidates: int) -> int:
