@@ -1,0 +1,624 @@
+"""Video: which objects are videos, how their frames are named, counted, checked and decoded.
+
+Plain functions over a seekable binary stream (what `Storage.open` returns: a real file for
+local storage, a buffered range reader for buckets). PyAV reads the stream through its own
+I/O callbacks, so a video is never downloaded to a temporary file, and a seek in the video
+becomes a seek in the stream: only the byte ranges a step needs leave the bucket.
+
+What this module decides, and why:
+
+- Frame identity. Frame `i` of a video is the i-th frame a plain PyAV decode loop
+  (`enumerate(container.decode(video=0))`) yields, i.e. presentation order from 0, and it is
+  named `<video path without extension>-<i, 6 digits>-<extension>.png` (interface.md).
+- Counting. The container's frame count is used only when asked and when it can be
+  trusted: MP4/MOV and AVI store one (Matroska, WebM and MPEG-PS do not), and it is trusted
+  when the index parsed with the header lists every frame and all of them lie inside the
+  file (a cut faststart MP4 keeps its full index, a cut AVI its header count); frames an MP4
+  edit list cuts are not counted (the decoder drops them). Otherwise packets are demuxed
+  without decoding: one packet per frame for every codec we support (VP9 superframes and
+  B-frame reordering included), which costs reading the file but no decode.
+  The demux pass also records each frame's presentation timestamp (pts) and which frames
+  are keyframes (a `FrameTable`): the packets' pts, sorted, are the frames' pts in
+  presentation order, so frame index <-> pts is exact, constant frame rate or not. Where
+  pts repeat or are missing (FFmpeg's MPEG-PS muxer writes such files) there is no table.
+- Random access. `read_frames` seeks to the keyframe at or before each wanted frame (by its
+  pts from the table) and decodes forward; a seek is only made when it skips frames that
+  decoding forward would have to go through. Every frame decoded after a seek is located by
+  its pts in the table; if a seek lands after the wanted frame or a pts is not in the table,
+  the remaining frames are read by a plain sequential decode instead, so the result always
+  equals the plain loop's frames.
+- Corruption (short human reasons, as for images): cannot be opened, no video stream, the
+  data ends before what the container declares (truncated: fewer packets than its frame
+  count, or packets ending well before its duration), a frame the decoder rejects, frames
+  the decoder silently drops. A truncated file takes precedence over the decode error its
+  cut-off last packet causes: "truncated" says what happened to the file.
+- Memory. Decoding yields one frame at a time (a generator over the demuxer); nothing holds
+  all frames of a video. Decoding uses FFmpeg's frame and slice threads ("AUTO").
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import BinaryIO, Literal
+
+import av
+import av.error
+import numpy as np
+from av.container import InputContainer
+from av.packet import Packet
+from av.stream import Disposition
+from av.video.frame import VideoFrame
+from av.video.stream import VideoStream
+
+VIDEO_EXTENSIONS = frozenset({"mp4", "m4v", "mov", "avi", "mkv", "webm", "mpg", "mpeg"})
+
+# A decoded stream may end this much before the duration its container declares without
+# being called truncated: timestamps in Matroska are rounded to milliseconds and MPEG
+# durations are estimates, so a frame or two of slack keeps valid files valid.
+TRUNCATION_SLACK_FRAMES = 2
+TRUNCATION_SLACK_FRACTION = 0.01
+
+
+class VideoError(Exception):
+    """A video that cannot be decoded as far as asked; `reason` is the short human string."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def is_video(key: str) -> bool:
+    """Whether the key names a video, by extension, case-insensitively. A bare `.mp4` (a
+    hidden file, no name) is not one: its frames would have no name to parse back."""
+    stem, _, extension = key.rsplit("/", 1)[-1].rpartition(".")
+    return bool(stem) and extension.lower() in VIDEO_EXTENSIONS
+
+
+def frame_name(video_key: str, index: int) -> str:
+    """`video/street.mp4`, 40 -> `video/street-000040-mp4.png` (interface.md). Indices past
+    999,999 get more digits rather than wrapping."""
+    if not is_video(video_key):
+        raise ValueError(f"{video_key}: not a video name")
+    stem, extension = video_key.rsplit(".", 1)
+    return f"{stem}-{index:06d}-{extension}.png"
+
+
+def parse_frame_name(name: str) -> tuple[str, int] | None:
+    """The inverse of `frame_name`: (video key, frame index), or None for any other name.
+
+    Parsed from the right, because a video's own name may contain dashes and digits
+    (`cam-2-000001.mp4` has frame `cam-2-000001-000003-mp4.png`); the extension must be a
+    video extension (any case) and the index at least six digits."""
+    if not name.endswith(".png"):
+        return None
+    parts = name[: -len(".png")].rsplit("-", 2)
+    if len(parts) != 3:
+        return None
+    stem, digits, extension = parts
+    if (
+        not stem
+        or stem.endswith("/")
+        or extension.lower() not in VIDEO_EXTENSIONS
+        or len(digits) < 6
+        or not digits.isdigit()
+        or not digits.isascii()
+    ):
+        return None
+    return f"{stem}.{extension}", int(digits)
+
+
+@dataclass(frozen=True)
+class FrameTable:
+    """Every frame's pts by index (presentation order) and the indices of keyframes."""
+
+    pts: tuple[int, ...]
+    keyframes: tuple[int, ...]  # sorted; always starts with 0 when the video has frames
+
+    def keyframe_at_or_before(self, index: int) -> int:
+        position = bisect.bisect_right(self.keyframes, index) - 1
+        return self.keyframes[max(position, 0)]
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What `probe` learns about a video's first video stream."""
+
+    width: int
+    height: int
+    codec: str
+    time_base: str  # "1/12288": pts * time_base = seconds
+    fps: float | None  # average frame rate
+    duration_seconds: float | None
+    frame_count: int
+    frame_count_source: Literal["metadata", "demux"]
+    declared_frames: int | None  # the container's own count (less edit-list cuts) or None
+    start_pts: int  # pts of the first frame: its time is 0.0 s
+    table: FrameTable | None  # from the demux count; None with metadata or unusable pts
+
+    @property
+    def time_base_fraction(self) -> Fraction:
+        return Fraction(self.time_base)
+
+    def seconds(self, pts: int) -> float:
+        """A pts as seconds since the first frame."""
+        return float((pts - self.start_pts) * self.time_base_fraction)
+
+
+@dataclass(frozen=True)
+class DecodedFrame:
+    """One decoded frame and where it is in the video."""
+
+    index: int  # presentation order from 0, as a plain decode loop counts
+    pts: int | None
+    seconds: float | None  # since the first frame
+    rgb: np.ndarray  # H x W x 3 uint8
+
+
+def _short(exc: BaseException) -> str:
+    """An FFmpeg error without its errno and call-site decoration, lower case first."""
+    text = (getattr(exc, "strerror", None) or str(exc)).strip()
+    text = text[:120] or type(exc).__name__
+    return text[0].lower() + text[1:]
+
+
+def _is_iso_bmff(head: bytes) -> bool:
+    return len(head) >= 8 and head[4:8] in (b"ftyp", b"mdat", b"moov", b"wide", b"free")
+
+
+def _missing_moov(stream: BinaryIO) -> bool:
+    """Walk an MP4/MOV's top-level boxes (headers only, by seeking) and tell whether the
+    index (`moov`) is absent, which is what cutting a file written without faststart does."""
+    stream.seek(0, io.SEEK_END)
+    size = stream.tell()
+    position = 0
+    while position + 8 <= size:
+        stream.seek(position)
+        header = stream.read(16)
+        box_size, kind = int.from_bytes(header[:4], "big"), header[4:8]
+        if kind == b"moov":
+            return False
+        if box_size == 1 and len(header) >= 16:
+            box_size = int.from_bytes(header[8:16], "big")
+        elif box_size == 0:  # the box runs to the end of the file
+            break
+        if box_size < 8:
+            break
+        position += box_size
+    return True
+
+
+def _open(stream: BinaryIO) -> InputContainer | str:
+    """The container, or why it cannot be opened. Errors of the stream itself (storage
+    unreachable, object deleted) are not the video's fault and propagate."""
+    stream.seek(0)
+    head = stream.read(16)
+    if not head:
+        return "zero bytes"
+    stream.seek(0)  # PyAV's I/O starts at the stream's position
+    try:
+        return av.open(stream, "r")
+    except av.error.FFmpegError as exc:
+        if _is_iso_bmff(head) and _missing_moov(stream):
+            return "cannot open video: truncated MP4 (no moov index)"
+        return f"cannot open video: {_short(exc)}"
+
+
+def _open_or_raise(stream: BinaryIO) -> InputContainer:
+    container = _open(stream)
+    if isinstance(container, str):
+        raise VideoError(container)
+    return container
+
+
+def _video_stream(container: InputContainer) -> VideoStream | None:
+    """The first real video stream: cover art (an attached picture) is a one-frame "video"
+    stream in MP4/MKV and not the video."""
+    for stream in container.streams.video:
+        if not stream.disposition & Disposition.attached_pic:
+            return stream
+    return None
+
+
+def _prepare(container: InputContainer) -> VideoStream:
+    stream = _video_stream(container)
+    if stream is None:
+        raise VideoError("no video stream")
+    # Frame threads (several frames in flight) and slice threads; must be set before the
+    # decoder opens, which PyAV does at the first packet.
+    stream.codec_context.thread_type = "AUTO"
+    return stream
+
+
+def _declared_seconds(container: InputContainer, stream: VideoStream) -> float | None:
+    """How long the container says the video stream is: the stream's own duration (MP4,
+    AVI), FFmpeg's per-stream DURATION tag (Matroska/WebM), or the container's duration
+    when the video is its only stream (audio may run longer than video)."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    tag = stream.metadata.get("DURATION") or stream.metadata.get("duration")
+    if tag:
+        try:
+            hours, minutes, seconds = tag.split(":")
+            return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+        except ValueError:
+            pass
+    if container.duration and len(container.streams) == 1:
+        return container.duration / av.time_base
+    return None
+
+
+def _fps(stream: VideoStream) -> float | None:
+    rate = stream.average_rate or stream.guessed_rate
+    return float(rate) if rate else None
+
+
+@dataclass
+class _Demuxed:
+    """What a demux pass over the video stream saw."""
+
+    packets: int
+    pts: list[int | None]
+    keyframe_pts: list[int]
+    end_pts: int | None  # the largest pts + duration: where the data ends
+    error: str | None  # the demuxer failed before the end
+
+
+def _counts(packet: Packet) -> bool:
+    """A packet that is a frame: not the flush packet at the end (no data) and not one
+    outside an MP4 edit list (the decoder drops its frame)."""
+    return bool(packet.size) and not packet.is_discard
+
+
+def _demux(container: InputContainer, stream: VideoStream) -> _Demuxed:
+    """Read every packet of the video stream without decoding any."""
+    seen = _Demuxed(0, [], [], None, None)
+    default_duration = _frame_duration(stream)
+    try:
+        for packet in container.demux(stream):
+            if not _counts(packet):
+                continue
+            seen.packets += 1
+            seen.pts.append(packet.pts)
+            if packet.pts is not None:
+                if packet.is_keyframe:
+                    seen.keyframe_pts.append(packet.pts)
+                end = packet.pts + (packet.duration or default_duration)
+                seen.end_pts = end if seen.end_pts is None else max(seen.end_pts, end)
+    except av.error.FFmpegError as exc:
+        seen.error = f"unreadable after frame {seen.packets}: {_short(exc)}"
+    return seen
+
+
+def _frame_duration(stream: VideoStream) -> int:
+    """One frame's duration in the stream's time base (for packets that carry none)."""
+    rate = stream.average_rate or stream.guessed_rate
+    if not rate or not stream.time_base:
+        return 0
+    return round(1 / (rate * stream.time_base))
+
+
+def _table(seen: _Demuxed) -> FrameTable | None:
+    """Index <-> pts for every frame, when every frame has a distinct pts."""
+    if seen.packets == 0 or any(pts is None for pts in seen.pts):
+        return None
+    ordered = sorted(pts for pts in seen.pts if pts is not None)
+    if len(set(ordered)) != len(ordered):
+        return None
+    index_of = {pts: index for index, pts in enumerate(ordered)}
+    keyframes = sorted({0} | {index_of[pts] for pts in seen.keyframe_pts})
+    return FrameTable(tuple(ordered), tuple(keyframes))
+
+
+def _stream_size(stream: BinaryIO) -> int:
+    stream.seek(0, io.SEEK_END)
+    return stream.tell()
+
+
+def _metadata_count(video: VideoStream, file_size: int) -> tuple[int | None, bool]:
+    """(frames the container declares, whether that count can be trusted).
+
+    Declared: the container's sample count (`stream.frames`: MP4/MOV sample tables, the AVI
+    header) less the samples its index marks as discarded (frames an MP4 edit list cuts;
+    the decoder drops them, so a plain loop never yields them). Trusted only when the index
+    (parsed with the header, no packet read) lists every declared sample and each lies
+    inside the file: a cut faststart MP4 keeps its full index but not the data, and a cut
+    AVI keeps its header count but loses its index (written last)."""
+    if video.frames <= 0:
+        return None, False
+    entries = video.index_entries
+    if len(entries) != video.frames:
+        return video.frames, False
+    discarded, inside = 0, file_size > 0
+    for entry in entries:
+        discarded += entry.is_discard
+        inside = inside and entry.pos >= 0 and entry.pos + entry.size <= file_size
+    return video.frames - discarded, inside
+
+
+def probe(stream: BinaryIO, use_metadata: bool = True) -> VideoInfo | str:
+    """What the video is, or why it is corrupt. The frame count comes from the container
+    when `use_metadata` and its count is trustworthy (see `_metadata_count`), otherwise
+    from demuxing every packet (reads the file, decodes nothing), which also gives the
+    frame table for `read_frames`."""
+    file_size = _stream_size(stream)
+    container = _open(stream)
+    if isinstance(container, str):
+        return container
+    with container:
+        video = _video_stream(container)
+        if video is None:
+            return "no video stream"
+        codec = video.codec_context.name if video.codec_context else None
+        if not codec:
+            return "no decoder for the video codec"
+        if not video.width or not video.height:
+            return "video stream without a picture size"
+        declared, trusted = _metadata_count(video, file_size)
+        start_pts = video.start_time or 0
+        duration = _declared_seconds(container, video)
+        table: FrameTable | None = None
+        source: Literal["metadata", "demux"]
+        if use_metadata and declared and trusted:
+            count, source = declared, "metadata"
+        else:
+            seen = _demux(container, video)
+            if seen.error:
+                return seen.error
+            if seen.packets == 0:
+                return "no video frames"
+            count, source, table = seen.packets, "demux", _table(seen)
+            if table is not None:
+                start_pts = table.pts[0]
+            if seen.end_pts is not None and video.time_base:
+                # What the packets span is the truth; headers can be estimates (MPEG-PS).
+                first = min((pts for pts in seen.pts if pts is not None), default=start_pts)
+                duration = float((seen.end_pts - first) * video.time_base)
+        return VideoInfo(
+            width=video.width,
+            height=video.height,
+            codec=codec,
+            time_base=str(video.time_base or Fraction(1, 1)),
+            fps=_fps(video),
+            duration_seconds=duration,
+            frame_count=count,
+            frame_count_source=source,
+            declared_frames=declared,
+            start_pts=start_pts,
+            table=table,
+        )
+
+
+def frame_table(stream: BinaryIO) -> FrameTable | None:
+    """The frame table by a demux pass (for videos counted from metadata); None when the
+    video cannot be opened or its pts cannot identify frames."""
+    container = _open(stream)
+    if isinstance(container, str):
+        return None
+    with container:
+        video = _video_stream(container)
+        return None if video is None else _table(_demux(container, video))
+
+
+def _decoded(
+    container: InputContainer, stream: VideoStream, first_index: int = 0
+) -> Iterator[VideoFrame]:
+    """Decoded frames in presentation order, one at a time; a decoder or demuxer failure is
+    a VideoError naming the first frame that did not come out (counting from `first_index`,
+    the index of the frame decoding starts at)."""
+    produced = first_index
+    try:
+        for packet in container.demux(stream):
+            for frame in packet.decode():
+                produced += 1
+                yield frame
+    except av.error.FFmpegError as exc:
+        raise VideoError(f"frame {produced} fails to decode: {_short(exc)}") from exc
+
+
+def _rgb(frame: VideoFrame, size: int | None) -> np.ndarray:
+    if size is None:
+        return frame.to_ndarray(format="rgb24")
+    # Scaled by swscale while converting from YUV, so the full-size RGB frame never exists;
+    # squashed to a square like images' model inputs (no crop, nothing at the borders lost).
+    return frame.to_ndarray(width=size, height=size, format="rgb24", interpolation="BILINEAR")
+
+
+def decode_frames(
+    stream: BinaryIO,
+    size: int | None = None,
+    every_nth: int = 1,
+    start: int = 0,
+    stop: int | None = None,
+) -> Iterator[DecodedFrame]:
+    """Frames `start <= index < stop` whose index is a multiple of `every_nth` (counted
+    from the video's first frame, so subsampled names do not depend on `start`), as RGB,
+    squashed to `size` x `size` when given. Lazy: decoding stops where the caller stops
+    (and at `stop`). Frames before `start` are decoded and dropped: an index is only known
+    by counting (use `read_frames` with a frame table to jump). Raises VideoError when the
+    video cannot be opened or a frame fails to decode (the frames before it are yielded)."""
+    if every_nth < 1:
+        raise ValueError(f"every_nth must be >= 1, got {every_nth}")
+    container = _open_or_raise(stream)
+    with container:
+        video = _prepare(container)
+        time_base = video.time_base or Fraction(1, 1)
+        first: int | None = None
+        for index, frame in enumerate(_decoded(container, video)):
+            if stop is not None and index >= stop:
+                return
+            pts = frame.pts
+            if first is None and pts is not None:
+                first = pts
+            if index < start or index % every_nth:
+                continue
+            seconds = None if pts is None or first is None else float((pts - first) * time_base)
+            yield DecodedFrame(index, pts, seconds, _rgb(frame, size))
+
+
+def check_video(stream: BinaryIO, declared_frames: int | None) -> tuple[int, str | None]:
+    """Decode every frame: (frames decoded before the first failure, reason or None).
+
+    `declared_frames` is what the video claims (the container's count from `probe`); pass
+    None when it has none, and the container's declared duration is the measure instead."""
+    container = _open(stream)
+    if isinstance(container, str):
+        return 0, container
+    with container:
+        video = _video_stream(container)
+        if video is None:
+            return 0, "no video stream"
+        video.codec_context.thread_type = "AUTO"
+        decoded, packets, decode_error = 0, 0, None
+        end_pts: int | None = None
+        first_pts: int | None = None
+        default_duration = _frame_duration(video)
+        try:
+            for packet in container.demux(video):
+                if _counts(packet):
+                    packets += 1
+                    if packet.pts is not None:
+                        end = packet.pts + (packet.duration or default_duration)
+                        end_pts = end if end_pts is None else max(end_pts, end)
+                        first_pts = packet.pts if first_pts is None else min(first_pts, packet.pts)
+                if decode_error is None:
+                    # After the first failure only demux (cheap): enough to tell a cut
+                    # file from a damaged one.
+                    try:
+                        decoded += len(packet.decode())
+                    except av.error.FFmpegError as exc:
+                        decode_error = f"frame {decoded} fails to decode: {_short(exc)}"
+        except av.error.FFmpegError as exc:
+            return decoded, f"unreadable after frame {packets}: {_short(exc)}"
+        if declared_frames and packets < declared_frames:
+            return decoded, f"truncated: {decoded} of {declared_frames} frames decode"
+        cut_short = _cut_short(container, video, first_pts, end_pts)
+        if cut_short is not None:
+            ends_at, declared_seconds = cut_short
+            expected = round(declared_seconds * (_fps(video) or 0))
+            if expected > packets:
+                return decoded, f"truncated: {decoded} of about {expected} frames decode"
+            return decoded, f"truncated: frames end at {ends_at:.1f} of {declared_seconds:.1f} s"
+        if decode_error:
+            return decoded, decode_error
+        if decoded < packets:
+            # The frame-threaded decoder can drop a broken frame without an error.
+            return decoded, f"{packets - decoded} of {packets} frames fail to decode"
+        if decoded == 0:
+            return 0, "no video frames"
+        return decoded, None
+
+
+def _cut_short(
+    container: InputContainer, stream: VideoStream, first: int | None, end: int | None
+) -> tuple[float, float] | None:
+    """(where the packets end, the declared duration) in seconds when they end clearly
+    before the container says the video does, else None."""
+    declared = _declared_seconds(container, stream)
+    if declared is None or first is None or end is None or not stream.time_base:
+        return None
+    fps = _fps(stream) or 25.0
+    ends_at = float((end - first) * stream.time_base)
+    slack = max(TRUNCATION_SLACK_FRAMES / fps, TRUNCATION_SLACK_FRACTION * declared)
+    return (ends_at, declared) if ends_at < declared - slack else None
+
+
+def read_frames(
+    stream: BinaryIO, indices: Iterable[int], table: FrameTable | None = None
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, full-resolution RGB) for each wanted frame, in ascending index order, once
+    each, decoding only from the keyframe before a wanted frame up to it.
+
+    `table` is `probe(...).table` (or `frame_table(...)`); without it a demux pass builds
+    one first (reads the file once, decodes nothing). A video whose pts cannot identify its
+    frames is decoded sequentially. Raises VideoError when the video cannot be opened or a
+    needed frame fails to decode, IndexError for an index past the last frame."""
+    wanted = sorted(set(indices))
+    if not wanted:
+        return
+    if wanted[0] < 0:
+        raise IndexError(f"frame {wanted[0]} does not exist")
+    container = _open_or_raise(stream)
+    with container:
+        video = _prepare(container)
+        if table is None:
+            table = _table(_demux(container, video))
+        if table is None:
+            yield from _sequential(stream, wanted)
+            return
+        if wanted[-1] >= len(table.pts):
+            raise IndexError(f"frame {wanted[-1]} of a video of {len(table.pts)} frames")
+        yield from _seeking(stream, container, video, wanted, table)
+
+
+def _seek(
+    container: InputContainer, stream: VideoStream, table: FrameTable, keyframe: int
+) -> Iterator[VideoFrame]:
+    """Decoded frames from the keyframe at or before the given one's pts. Seeking to the
+    keyframe's own pts rather than the wanted frame's: MP4 indexes by decode time, and the
+    next keyframe's decode time can precede a wanted B-frame's presentation time (the seek
+    would land after it), but a keyframe's decode time never follows its own pts."""
+    container.seek(table.pts[keyframe], stream=stream, backward=True, any_frame=False)
+    return _decoded(container, stream, keyframe)
+
+
+def _seeking(
+    source: BinaryIO,
+    container: InputContainer,
+    stream: VideoStream,
+    wanted: list[int],
+    table: FrameTable,
+) -> Iterator[tuple[int, np.ndarray]]:
+    index_of = {pts: index for index, pts in enumerate(table.pts)}
+    frames: Iterator[VideoFrame] | None = None
+    position = -1  # index of the frame decoded last
+    for n, target in enumerate(wanted):
+        keyframe = table.keyframe_at_or_before(target)
+        # Seek when the keyframe lies beyond the next frame the decoder would produce:
+        # decoding forward would go through frames the seek skips. Consecutive or close
+        # wanted frames within one GOP are decoded forward without seeking.
+        fresh = frames is None or keyframe > position + 1
+        if fresh:
+            frames = _seek(container, stream, table, keyframe)
+        assert frames is not None
+        while True:
+            frame = next(frames, None)
+            index = None if frame is None or frame.pts is None else index_of.get(frame.pts)
+            if frame is not None and fresh and index is not None and index > target:
+                # The seek landed after the wanted frame: try the keyframe before, until
+                # the first one (whose pts is the video's smallest).
+                if keyframe == table.keyframes[0]:
+                    index = None
+                else:
+                    keyframe = table.keyframe_at_or_before(keyframe - 1)
+                    frames = _seek(container, stream, table, keyframe)
+                    continue
+            if frame is None or index is None or index > target:
+                # Lost track of where we are (end of data, a pts not in the table, a frame
+                # skipped): the plain loop's order is the definition, so fall back to it.
+                yield from _sequential(source, wanted[n:])
+                return
+            fresh = False
+            position = index
+            if index == target:
+                yield index, frame.to_ndarray(format="rgb24")
+                break
+
+
+def _sequential(source: BinaryIO, wanted: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """The plain decode loop over a freshly opened container, keeping the wanted frames.
+    Reopening (rather than seeking to the start) makes this the plain loop by definition."""
+    remaining = iter(wanted)
+    target = next(remaining, None)
+    with _open_or_raise(source) as container:
+        for index, frame in enumerate(_decoded(container, _prepare(container))):
+            if target is None:
+                return
+            if index == target:
+                yield index, frame.to_ndarray(format="rgb24")
+                target = next(remaining, None)
+    if target is not None:
+        raise IndexError(f"frame {target} does not exist")
