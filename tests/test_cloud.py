@@ -44,6 +44,21 @@ def _bucket(kind: str, server: Any) -> str:
     return f"az://{name}"
 
 
+def _use(server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point the cloud clients at an emulator for one test."""
+    for key, value in server.env.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture
+def s3_demo(s3, demo_folder, monkeypatch) -> str:
+    """A fresh S3 bucket holding the demo dataset under raw/; returns the bucket URL."""
+    _use(s3, monkeypatch)
+    bucket = _bucket("s3", s3)
+    _upload(demo_folder[0], f"{bucket}/raw")
+    return bucket
+
+
 def _outcome(output: Storage) -> dict[str, Any]:
     """What a run decided, read from its output through the storage layer."""
     run = "runs/" + output.read_text("LATEST").strip()
@@ -76,8 +91,7 @@ def test_a_bucket_run_decides_exactly_what_the_local_run_does(
     kind: str, request, demo_folder, local_outcome, run_curate, monkeypatch
 ):
     server = request.getfixturevalue({"s3": "s3", "gs": "gcs", "az": "azure"}[kind])
-    for key, value in server.env.items():
-        monkeypatch.setenv(key, value)
+    _use(server, monkeypatch)
     bucket = _bucket(kind, server)
     folder, _ = demo_folder
     _upload(folder, f"{bucket}/raw")
@@ -95,28 +109,18 @@ def test_a_bucket_run_decides_exactly_what_the_local_run_does(
     assert all(steps[s]["cached_shards"] == steps[s]["shards"] for s in ("check", "embed"))
 
 
-def test_input_and_output_may_be_different_stores(
-    s3, demo_folder, local_outcome, run_curate, monkeypatch, tmp_path
-):
-    for key, value in s3.env.items():
-        monkeypatch.setenv(key, value)
-    bucket = _bucket("s3", s3)
-    folder, _ = demo_folder
-    _upload(folder, f"{bucket}/raw")
+def test_input_and_output_may_be_different_stores(s3_demo, local_outcome, run_curate, tmp_path):
+    bucket = s3_demo
     run_curate(f"input={bucket}/raw", f"output={tmp_path}", "stopping_condition.n_samples=30")
     assert _outcome(open_storage(str(tmp_path)))["lists"] == local_outcome["lists"]
 
 
 def test_a_fifth_of_requests_failing_changes_nothing_but_the_retry_count(
-    s3, demo_folder, local_outcome, run_curate, monkeypatch, tmp_path
+    s3, s3_demo, local_outcome, run_curate, monkeypatch, tmp_path
 ):
     from servers import faulty_proxy
 
-    for key, value in s3.env.items():
-        monkeypatch.setenv(key, value)
-    bucket = _bucket("s3", s3)
-    folder, _ = demo_folder
-    _upload(folder, f"{bucket}/raw")
+    bucket = s3_demo
     with faulty_proxy(s3.endpoint_url, failure_rate=0.2, delay_seconds=0.002, seed=7) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         run_curate(f"input={bucket}/raw", f"output={tmp_path}", "stopping_condition.n_samples=30")
@@ -129,16 +133,11 @@ def test_a_fifth_of_requests_failing_changes_nothing_but_the_retry_count(
     assert outcome["report"]["retries"] == failed
 
 
-def test_an_object_deleted_after_listing_is_recorded_not_fatal(s3, demo_folder, monkeypatch):
+def test_an_object_deleted_after_listing_is_recorded_not_fatal(s3_demo):
     from tasks.check import check_images
     from tasks.storage import ObjectInfo
 
-    for key, value in s3.env.items():
-        monkeypatch.setenv(key, value)
-    bucket = _bucket("s3", s3)
-    folder, _ = demo_folder
-    _upload(folder, f"{bucket}/raw")
-    storage = open_storage(f"{bucket}/raw")
+    storage = open_storage(f"{s3_demo}/raw")
     objects = [o for o in storage.list() if o.key.startswith("photos/")][:5]
     storage.delete(objects[2].key)
     rows, corrupt, _ = check_images(
@@ -152,8 +151,7 @@ def test_an_object_deleted_after_listing_is_recorded_not_fatal(s3, demo_folder, 
 
 
 def test_listing_is_lazy_and_in_key_order(s3, monkeypatch):
-    for key, value in s3.env.items():
-        monkeypatch.setenv(key, value)
+    _use(s3, monkeypatch)
     bucket = _bucket("s3", s3)
     storage = open_storage(f"{bucket}/many")
     keys = [f"k{i:05d}.jpg" for i in range(2500)]
@@ -168,8 +166,7 @@ def test_listing_is_lazy_and_in_key_order(s3, monkeypatch):
 @pytest.mark.parametrize("kind", ["s3", "gs", "az"])
 def test_ranged_reads_and_seekable_streams(kind: str, request, monkeypatch):
     server = request.getfixturevalue({"s3": "s3", "gs": "gcs", "az": "azure"}[kind])
-    for key, value in server.env.items():
-        monkeypatch.setenv(key, value)
+    _use(server, monkeypatch)
     storage = open_storage(_bucket(kind, server) + "/p")
     data = bytes(range(256)) * 40_000  # 10 MB: spans several read buffers
     storage.write("big.bin", data)
@@ -249,8 +246,7 @@ def test_credentials_from_a_prefect_secret_never_reach_the_report(
     from prefect.blocks.system import Secret
 
     bucket = _bucket("s3", s3)
-    for key, value in s3.env.items():
-        monkeypatch.setenv(key, value)
+    _use(s3, monkeypatch)
     folder, _ = demo_folder
     _upload(folder / "scenes", f"{bucket}/raw")
     secret = {"AWS_ACCESS_KEY_ID": "curate-key-id", "AWS_SECRET_ACCESS_KEY": "curate-s3cr3t"}

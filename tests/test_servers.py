@@ -32,28 +32,11 @@ from servers import (
     make_bucket,
     running_children,
     s3_client,
-    s3_server,
     stop_process,
     upload,
 )
 
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3Server]:
-    with s3_server() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def gcs() -> Iterator[GCSServer]:
-    with gcs_server() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def azure() -> Iterator[AzureServer]:
-    with azure_server() as server:
-        yield server
+# The s3, gcs and azure fixtures are the session's, from conftest.py.
 
 
 # --- S3 (moto) ----------------------------------------------------------------------------
