@@ -1,9 +1,10 @@
-"""Cache keys are content identity.
+"""What every step shares as a Prefect task: content-identity caching, retries, memory.
 
-A step's key is the identity of the objects it reads (key, size, version), its own
+A step's cache key is the identity of the objects it reads (key, size, version), its own
 settings and `PIPELINE_VERSION`. Prefect's `TASK_SOURCE` policy hashes only a task's own
 text, not the helpers it calls, so the version constant is bumped whenever step logic
-changes. Artifacts (Parquet, .npy) live in the output location under the same key.
+changes. Artifacts (Parquet, .npy) live in the output location under the same key, and so
+do Prefect's cache records (`OutputResults` for buckets), so the two never disagree.
 """
 
 from __future__ import annotations
