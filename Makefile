@@ -3,26 +3,32 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP_QUIET := --quiet --disable-pip-version-check --no-warn-script-location
 
-.PHONY: install demo test test-fast lint type-check bench clean
+.PHONY: install emulators demo test test-fast lint type-check bench clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints.txt infra/azurite/package-lock.json
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install $(PIP_QUIET) -c constraints.txt -e ".[dev]" > $(VENV)/install.log 2>&1 \
 		|| { grep -v "^WARNING: Location" $(VENV)/install.log; exit 1; }
 	$(PY) -c "import flows.cli, tasks.embed"  # fail here, not later, if the install is broken
-	npm ci --prefix infra/azurite --no-audit --no-fund > $(VENV)/npm.log 2>&1 \
-		|| { cat $(VENV)/npm.log; exit 1; }  # Azurite, the Azure Blob emulator for tests
+	touch $@
+
+# Azurite, the Azure Blob emulator the tests start (moto and fake-gcs-server come with pip).
+emulators: infra/azurite/node_modules/.installed
+
+infra/azurite/node_modules/.installed: infra/azurite/package-lock.json
+	npm ci --prefix infra/azurite --no-audit --no-fund > infra/azurite/npm.log 2>&1 \
+		|| { cat infra/azurite/npm.log; exit 1; }
 	touch $@
 
 demo: install
 	$(PY) -m flows.demo
 
-test: install lint type-check
+test: install emulators lint type-check
 	$(PY) -m pytest -q
 
-test-fast: install
+test-fast: install emulators
 	$(PY) -m pytest -q -m "not slow"
 
 lint: install
