@@ -15,21 +15,22 @@ import os
 import platform
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.caching import CACHE_PREFIX, PIPELINE_VERSION, OutputResults, retry_if_transient
+from tasks.caching import CACHE_PREFIX, PIPELINE_VERSION, OutputResults
 from tasks.check import CheckedShard, check_shard
 from tasks.config import CurateConfig
 from tasks.dedup import dedup
 from tasks.device import default_input_size, pick_device
-from tasks.discover import Discovery, discover, is_image, load_patterns
+from tasks.discover import Discovery, Shard, discover_shards, is_image, load_patterns
 from tasks.embed import EmbeddedShard, check_model_name, embed_shard, resolve_weights
 from tasks.errors import CurateError
 from tasks.export import RunSummary, StepStats, export
@@ -67,19 +68,16 @@ def _result_storage(output: Storage) -> Path | OutputResults:
     return block
 
 
-@task(
-    name="discover",
-    retries=3,
-    retry_delay_seconds=[1, 4, 16],
-    retry_condition_fn=retry_if_transient,
-)
-def discover_task(config: CurateConfig) -> Discovery:
-    """Not cached: listing is how a run learns what is new."""
+def listing(config: CurateConfig, found: Discovery) -> Iterator[Shard]:
+    """The discover step. It runs in the flow itself, not as a task, so that each shard
+    is submitted the moment its manifest is written and a bucket of millions of keys is
+    being worked on while it is still being listed; the storage layer retries transient
+    listing failures. Never cached: listing is how a run learns what is new."""
     source, output = open_storage(config.input), open_storage(config.output)
     patterns = None
     if config.datasource.relevant_filenames_file:
         patterns = load_patterns(config.datasource.relevant_filenames_file, source, output)
-    return discover(source, output, config.shard_size, patterns)
+    return discover_shards(source, output, config.shard_size, patterns, found)
 
 
 # Environment variables a credentials secret may set: the cloud clients' own.
@@ -163,18 +161,6 @@ def curate(config: CurateConfig) -> str:
     workers = num_workers(config.num_workers)
     steps = {name: StepStats() for name in ("discover", "check", "dedup", "embed", "select")}
 
-    t = time.perf_counter()
-    found = discover_task(config)
-    steps["discover"] = StepStats(
-        seconds=time.perf_counter() - t, retries=found.retries, shards=len(found.shards)
-    )
-    logger.info(
-        "discovered %d images in %d shards (%d other objects skipped)",
-        found.discovered,
-        len(found.shards),
-        found.skipped,
-    )
-
     check = check_shard.with_options(result_storage=results)
     embed = embed_shard.with_options(result_storage=results)
     check_futures: list[PrefectFuture[CheckedShard]] = []
@@ -183,7 +169,8 @@ def curate(config: CurateConfig) -> str:
     # every core, and torch's threads slow down badly when decoding threads preempt
     # them, so there each shard's check waits for the previous shard's embedding.
     overlap = device.type == "cuda"
-    for shard in found.shards:
+    found = Discovery()
+    for shard in listing(config, found):
         checked = check.submit(  # type: ignore[call-overload]  # typed overload lacks wait_for
             shard,
             config.input,
@@ -209,6 +196,15 @@ def curate(config: CurateConfig) -> str:
                 workers,
             )
         )
+    steps["discover"] = StepStats(
+        seconds=found.seconds, retries=found.retries, shards=len(found.shards)
+    )
+    logger.info(
+        "discovered %d images in %d shards (%d other objects skipped)",
+        found.discovered,
+        len(found.shards),
+        found.skipped,
+    )
     checked_shards: list[CheckedShard] = _collect(check_futures, steps["check"])
 
     duplicates_key = None

@@ -13,8 +13,9 @@ import fnmatch
 import hashlib
 import json
 import posixpath
+import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tasks.caching import artifact_key, content_key
 from tasks.errors import CurateError
@@ -113,13 +114,56 @@ def read_manifest(storage: Storage, key: str) -> list[ObjectInfo]:
     return [ObjectInfo(*json.loads(line)) for line in lines if line]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Discovery:
-    shards: list[Shard]
-    discovered: int  # images found (after relevant-filename filtering)
-    skipped: int  # objects that are not images or not relevant
-    total_bytes: int
+    """What a listing found; filled in while its shards are handed out."""
+
+    shards: list[Shard] = field(default_factory=list)
+    discovered: int = 0  # images found (after relevant-filename filtering)
+    skipped: int = 0  # objects that are not images or not relevant
+    total_bytes: int = 0
     retries: int = 0
+    seconds: float = 0.0  # spent listing and writing manifests, not waiting on the consumer
+
+
+def discover_shards(
+    input_storage: Storage,
+    output_storage: Storage,
+    shard_size: int,
+    patterns: list[tuple[bool, str]] | None,
+    found: Discovery,
+) -> Iterator[Shard]:
+    """List the input lazily and yield each shard as soon as its manifest is written, so
+    work on the first shards starts while a large bucket is still being listed."""
+
+    def images() -> Iterator[ObjectInfo]:
+        for obj in input_storage.list():
+            if is_image(obj.key) and (patterns is None or is_relevant(obj.key, patterns)):
+                yield obj
+            else:
+                found.skipped += 1
+
+    started = time.perf_counter()
+    for index, objects in enumerate(cut_shards(images(), shard_size)):
+        data = manifest_bytes(objects)
+        identity = content_key("shard", input=input_storage.url, manifest=data.decode())
+        manifest = artifact_key("shards", identity, ".jsonl")
+        if not output_storage.exists(manifest):
+            output_storage.write(manifest, data)
+        shard = Shard(index, identity, manifest, len(objects), sum(o.size for o in objects))
+        found.shards.append(shard)
+        found.discovered += shard.count
+        found.total_bytes += shard.total_bytes
+        found.retries = input_storage.retries + output_storage.retries
+        found.seconds += time.perf_counter() - started
+        yield shard
+        started = time.perf_counter()
+    found.seconds += time.perf_counter() - started
+    found.retries = input_storage.retries + output_storage.retries
+    if found.discovered == 0:
+        raise CurateError(
+            f"input {input_storage.url}: no images found ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
 
 
 def discover(
@@ -128,42 +172,8 @@ def discover(
     shard_size: int,
     patterns: list[tuple[bool, str]] | None = None,
 ) -> Discovery:
-    """List the input lazily, keep relevant images, and write one manifest per shard."""
-    skipped = 0
-
-    def images() -> Iterator[ObjectInfo]:
-        nonlocal skipped
-        for obj in input_storage.list():
-            if is_image(obj.key) and (patterns is None or is_relevant(obj.key, patterns)):
-                yield obj
-            else:
-                skipped += 1
-
-    shards = []
-    for index, objects in enumerate(cut_shards(images(), shard_size)):
-        data = manifest_bytes(objects)
-        identity = content_key("shard", input=input_storage.url, manifest=data.decode())
-        manifest = artifact_key("shards", identity, ".jsonl")
-        if not output_storage.exists(manifest):
-            output_storage.write(manifest, data)
-        shards.append(
-            Shard(
-                index=index,
-                identity=identity,
-                manifest=manifest,
-                count=len(objects),
-                total_bytes=sum(o.size for o in objects),
-            )
-        )
-    discovered = sum(s.count for s in shards)
-    if discovered == 0:
-        raise CurateError(
-            f"input {input_storage.url}: no images found ({', '.join(sorted(IMAGE_EXTENSIONS))})"
-        )
-    return Discovery(
-        shards=shards,
-        discovered=discovered,
-        skipped=skipped,
-        total_bytes=sum(s.total_bytes for s in shards),
-        retries=input_storage.retries + output_storage.retries,
-    )
+    """The whole listing at once (for tools and tests; the flow streams it)."""
+    found = Discovery()
+    for _ in discover_shards(input_storage, output_storage, shard_size, patterns, found):
+        pass
+    return found

@@ -129,3 +129,33 @@ def test_relevant_filenames_file_is_read_from_the_input_then_the_output(tmp_path
     assert load_patterns("relevant.txt", in_storage, out_storage) == [(False, "b/*")]
     with pytest.raises(CurateError, match="relevant_filenames_file"):
         load_patterns("missing.txt", in_storage, out_storage)
+
+
+def test_the_first_shard_is_handed_out_before_the_listing_ends(tmp_path: Path) -> None:
+    from tasks.discover import Discovery, discover_shards
+    from tasks.storage import LocalStorage
+
+    class CountingStorage(LocalStorage):
+        """The real local backend, counting how far its listing has been read."""
+
+        listed = 0
+
+        def list(self, prefix: str = ""):  # type: ignore[no-untyped-def]
+            for obj in super().list(prefix):
+                CountingStorage.listed += 1
+                yield obj
+
+    source = tmp_path / "in"
+    source.mkdir()
+    for i in range(3000):
+        (source / f"img_{i:05d}.jpg").write_bytes(b"x")
+    found = Discovery()
+    shards = discover_shards(
+        CountingStorage(str(source)), open_storage(str(tmp_path / "out")), 100, None, found
+    )
+    first = next(shards)
+    assert CountingStorage.listed < 3000 / 2  # only as far as the first boundary
+    assert found.shards == [first]
+    rest = list(shards)
+    assert CountingStorage.listed == 3000
+    assert found.discovered == 3000 == sum(s.count for s in [first, *rest])
