@@ -106,14 +106,8 @@ class Storage(ABC):
         """(key, bytes or the exception) for each key, in order, with up to
         `concurrency` reads in flight and no more than that many objects held ahead."""
         window = concurrency or self.read_concurrency
-        pending: deque[tuple[str, Future[bytes]]] = deque()
         with ThreadPoolExecutor(max_workers=window) as pool:
-            for key in keys:
-                pending.append((key, pool.submit(self.read, key)))
-                if len(pending) >= window:
-                    yield _outcome(*pending.popleft())
-            while pending:
-                yield _outcome(*pending.popleft())
+            yield from _in_order(((key, pool.submit(self.read, key)) for key in keys), window)
 
     @abstractmethod
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
@@ -164,16 +158,26 @@ def process_objects(
     """Read `keys` with the storage's concurrency and run `work(key, data)` on `workers`
     threads (Pillow and numpy release the GIL); (key, result or exception) in key order.
     Both stages run a bounded window ahead, so memory holds a few dozen objects."""
-    pending: deque[tuple[str, Future[T] | Exception]] = deque()
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for key, data in storage.read_many(keys):
-            pending.append(
-                (key, data if isinstance(data, Exception) else pool.submit(work, key, data))
-            )
-            if len(pending) >= 2 * workers:
-                yield _outcome(*pending.popleft())
-        while pending:
+        submitted = (
+            (key, data if isinstance(data, Exception) else pool.submit(work, key, data))
+            for key, data in storage.read_many(keys)
+        )
+        yield from _in_order(submitted, 2 * workers)
+
+
+def _in_order(
+    submitted: Iterable[tuple[str, Future[Any] | Exception]], window: int
+) -> Iterator[tuple[str, Any]]:
+    """Results of lazily submitted work, in submission order, never more than `window`
+    submissions ahead of the consumer (the generator is only advanced when one is due)."""
+    pending: deque[tuple[str, Future[Any] | Exception]] = deque()
+    for item in submitted:
+        pending.append(item)
+        if len(pending) >= window:
             yield _outcome(*pending.popleft())
+    while pending:
+        yield _outcome(*pending.popleft())
 
 
 def _outcome(key: str, future: Future[Any] | Exception) -> tuple[str, Any]:
