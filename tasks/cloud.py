@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
@@ -58,12 +58,12 @@ class _BucketStorage(Storage):
     def read_range(self, key: str, start: int, end: int) -> bytes:
         if end <= start:
             return b""
-        data = self._retrying(lambda: self._read_range(key, start, end), self.join(key))
+        data = self._read_range(key, start, end)
         self._count(len(data))
         return data
 
     def read(self, key: str) -> bytes:
-        data = self._retrying(lambda: self._read(key), self.join(key))
+        data = self._read(key)
         self._count(len(data))
         return data
 
@@ -74,6 +74,7 @@ class _BucketStorage(Storage):
         raise NotImplementedError
 
     def _read(self, key: str) -> bytes:
+        """The whole object, retried and with errors translated by the backend."""
         raise NotImplementedError
 
     def _read_range(self, key: str, start: int, end: int) -> bytes:
@@ -125,12 +126,21 @@ class S3Storage(_BucketStorage):
             or (_s3_status(exc) in (429, 500, 502, 503, 504))
         )
 
-    def _call(self, operation: str, key: str | None = None, **kwargs: Any) -> Any:
-        """One S3 call, retried when transient, its errors translated."""
+    def _call(
+        self,
+        operation: str,
+        key: str | None = None,
+        *,
+        then: Callable[[Any], Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """One S3 call, retried when transient, its errors translated. `then` runs inside
+        the attempt, so a body cut off while it is read is retried with its request."""
 
         def attempt() -> Any:
             try:
-                return getattr(self.client, operation)(Bucket=self.bucket, **kwargs)
+                response = getattr(self.client, operation)(Bucket=self.bucket, **kwargs)
+                return then(response) if then else response
             except Exception as exc:
                 raise self._translate(exc, key) from None
 
@@ -164,7 +174,7 @@ class S3Storage(_BucketStorage):
         return CurateError(f"{where}: {type(exc).__name__}: {str(exc)[:200]}")
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        token: dict[str, str] = {}
+        token: dict[str, Any] = {}  # boto3 keyword arguments of the next page
         while True:
             page = self._call(
                 "list_objects_v2", Prefix=self._list_prefix(prefix), MaxKeys=LIST_PAGE_SIZE, **token
@@ -179,28 +189,14 @@ class S3Storage(_BucketStorage):
             token = {"ContinuationToken": page["NextContinuationToken"]}
 
     def _read(self, key: str) -> bytes:
-        response = self.client.get_object(Bucket=self.bucket, Key=self._full(key))
-        return bytes(response["Body"].read())  # a reset here is retried as a whole
+        return bytes(self._call("get_object", key, then=_body, Key=self._full(key)))
 
     def _read_range(self, key: str, start: int, end: int) -> bytes:
-        response = self.client.get_object(
-            Bucket=self.bucket, Key=self._full(key), Range=f"bytes={start}-{end - 1}"
+        return bytes(
+            self._call(
+                "get_object", key, then=_body, Key=self._full(key), Range=f"bytes={start}-{end - 1}"
+            )
         )
-        return bytes(response["Body"].read())
-
-    def read(self, key: str) -> bytes:
-        return self._translated(lambda: super(S3Storage, self).read(key), key)
-
-    def read_range(self, key: str, start: int, end: int) -> bytes:
-        return self._translated(lambda: super(S3Storage, self).read_range(key, start, end), key)
-
-    def _translated(self, operation: Any, key: str) -> Any:
-        try:
-            return operation()
-        except CurateError:
-            raise
-        except Exception as exc:
-            raise self._translate(exc, key) from None
 
     def _size(self, key: str) -> int:
         return int(self._call("head_object", key, Key=self._full(key))["ContentLength"])
@@ -261,6 +257,10 @@ class S3Storage(_BucketStorage):
         self._call("delete_object", key, Key=self._full(key))
 
 
+def _body(response: Any) -> bytes:
+    return bytes(response["Body"].read())
+
+
 def _s3_status(exc: BaseException) -> int | None:
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
@@ -280,21 +280,25 @@ class _FsspecStorage(_BucketStorage):
     def _path(self, key: str) -> str:
         return f"{self.bucket}/{self._full(key)}"
 
+    def _op(self, key: str | None, operation: Callable[[], Any]) -> Any:
+        """One client call: the client's own retries, then ours (one attempt) turning a
+        persistent failure into a one-line error; other errors translated by `_guard`."""
+        return self._retrying(
+            lambda: self._guard(operation, key), self.join(key) if key else self.url
+        )
+
     def _read(self, key: str) -> bytes:
-        return bytes(self._guard(lambda: self.fs.cat_file(self._path(key)), key))
+        return bytes(self._op(key, lambda: self.fs.cat_file(self._path(key))))
 
     def _read_range(self, key: str, start: int, end: int) -> bytes:
-        return bytes(self._guard(lambda: self.fs.cat_file(self._path(key), start, end), key))
+        return bytes(self._op(key, lambda: self.fs.cat_file(self._path(key), start, end)))
 
     def _size(self, key: str) -> int:
         return int(self._guard(lambda: self.fs.info(self._path(key))["size"], key))
 
     def write(self, key: str, data: bytes) -> None:
         # A GCS or Azure upload is published whole when it completes: atomic already.
-        self._retrying(
-            lambda: self._guard(lambda: self.fs.pipe_file(self._path(key), data), key),
-            self.join(key),
-        )
+        self._op(key, lambda: self.fs.pipe_file(self._path(key), data))
 
     def exists(self, key: str) -> bool:
         return bool(self._guard(lambda: self.fs.exists(self._path(key)), key))
@@ -356,8 +360,7 @@ class GCSStorage(_FsspecStorage):
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         token: dict[str, str] = {}
         while True:
-            fetch = functools.partial(self._page, prefix, token)
-            page = self._retrying(functools.partial(self._guard, fetch, None), self.url)
+            page = self._op(None, functools.partial(self._page, prefix, token))
             for item in page.get("items", []):
                 if not item["name"].endswith("/"):
                     yield ObjectInfo(
