@@ -30,10 +30,11 @@ from tasks.check import CheckedShard, check_shard
 from tasks.config import CurateConfig
 from tasks.dedup import dedup
 from tasks.device import default_input_size, pick_device
-from tasks.discover import Discovery, Shard, discover_shards, is_image, load_patterns
+from tasks.discover import Discovery, Shard, discover_shards, is_sample_source, load_patterns
 from tasks.embed import EmbeddedShard, check_model_name, embed_shard, resolve_weights
 from tasks.errors import CurateError
 from tasks.export import RunSummary, StepStats, export
+from tasks.frames import check_video_shard
 from tasks.select import select_samples
 from tasks.storage import LocalStorage, Storage, open_storage
 
@@ -114,8 +115,8 @@ def preflight(config: CurateConfig) -> None:
     output = open_storage(config.output)
     output.exists("LATEST")  # reachable, with working credentials
     source = open_storage(config.input)
-    if not any(is_image(obj.key) for obj in source.list()):
-        raise CurateError(f"input {config.input}: no images found")
+    if not any(is_sample_source(obj.key) for obj in source.list()):
+        raise CurateError(f"input {config.input}: no images or videos found")
     if config.datasource.relevant_filenames_file:
         load_patterns(config.datasource.relevant_filenames_file, source, output)
     pick_device(config.embedding.device)
@@ -162,6 +163,7 @@ def curate(config: CurateConfig) -> str:
     steps = {name: StepStats() for name in ("discover", "check", "dedup", "embed", "select")}
 
     check = check_shard.with_options(result_storage=results)
+    check_videos = check_video_shard.with_options(result_storage=results)
     embed = embed_shard.with_options(result_storage=results)
     check_futures: list[PrefectFuture[CheckedShard]] = []
     embed_futures: list[PrefectFuture[EmbeddedShard]] = []
@@ -171,16 +173,30 @@ def curate(config: CurateConfig) -> str:
     overlap = device.type == "cuda"
     found = Discovery()
     for shard in listing(config, found):
-        checked = check.submit(  # type: ignore[call-overload]  # typed overload lacks wait_for
-            shard,
-            config.input,
-            config.output,
-            config.corruptness_check.max_image_pixels,
-            config.enable_corruptness_check,
-            input_size,
-            workers,
-            wait_for=[] if overlap or not embed_futures else [embed_futures[-1]],
-        )
+        wait_for = [] if overlap or not embed_futures else [embed_futures[-1]]
+        if shard.kind == "video":
+            checked = check_videos.submit(  # type: ignore[call-overload]
+                shard,
+                config.input,
+                config.output,
+                input_size,
+                config.every_nth_frame,
+                config.datasource.use_frame_count_metadata,
+                config.corruptness_check.keep_decodable_frames,
+                config.shard_size,
+                wait_for=wait_for,
+            )
+        else:
+            checked = check.submit(  # type: ignore[call-overload]  # overload lacks wait_for
+                shard,
+                config.input,
+                config.output,
+                config.corruptness_check.max_image_pixels,
+                config.enable_corruptness_check,
+                input_size,
+                workers,
+                wait_for=wait_for,
+            )
         check_futures.append(checked)
         embed_futures.append(
             embed.submit(  # type: ignore[call-overload]  # Prefect resolves the future
@@ -200,8 +216,9 @@ def curate(config: CurateConfig) -> str:
         seconds=found.seconds, retries=found.retries, shards=len(found.shards)
     )
     logger.info(
-        "discovered %d images in %d shards (%d other objects skipped)",
-        found.discovered,
+        "discovered %d images and %d videos in %d shards (%d other objects skipped)",
+        found.discovered - found.videos,
+        found.videos,
         len(found.shards),
         found.skipped,
     )
@@ -211,7 +228,7 @@ def curate(config: CurateConfig) -> str:
     if config.remove_exact_duplicates:
         t = time.perf_counter()
         dedup_future = dedup.with_options(result_storage=results).submit(
-            checked_shards, config.output
+            checked_shards, config.output, include_frames=not config.selected_sequence_length
         )
         duplicates_key = dedup_future.result()
         _count_single(steps["dedup"], dedup_future, time.perf_counter() - t)
@@ -227,8 +244,9 @@ def curate(config: CurateConfig) -> str:
         config.stopping_condition,
         config.seed,
         str(device),
+        config.selected_sequence_length,
     )
-    selected = json.loads(output.read(select_future.result()))
+    picked = json.loads(output.read(select_future.result()))
     _count_single(steps["select"], select_future, time.perf_counter() - t)
     for name, stats in steps.items():
         logger.info(
@@ -256,7 +274,8 @@ def curate(config: CurateConfig) -> str:
         },
         versions=package_versions(),
     )
-    run_dir = export(output, summary, checked_shards, embedded, duplicates, selected, started)
+    source = open_storage(config.input)
+    run_dir = export(output, source, summary, checked_shards, embedded, duplicates, picked, started)
     logger.info("run written to %s", run_dir)
     return run_dir
 

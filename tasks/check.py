@@ -155,19 +155,21 @@ def model_input(image: Image.Image, size: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class CheckedShard:
-    """What a check run wrote: metadata rows of valid images (Parquet), reasons for the
-    corrupt ones (JSON), and their model inputs (.npy, rows aligned with the Parquet)."""
+    """What a check run wrote: metadata rows of valid samples (Parquet), reasons for the
+    corrupt objects (JSON), and the samples' model inputs (.npy parts whose rows, in
+    order, align with the Parquet's). Video shards also say what each video is."""
 
     shard_index: int
     metadata: str
     corrupt: str
-    inputs: str
+    inputs: tuple[str, ...]
     full_check: bool
     valid: int
     corrupt_count: int
     bytes_read: int
     seconds: float
     retries: int = 0
+    videos: str | None = None  # JSON {video key: frame counts, codec, fps, reason...}
 
 
 Inspection = tuple[dict[str, object], np.ndarray] | str  # (metadata, model input) or why not
@@ -234,7 +236,7 @@ def check_shard(
         shard_index=shard.index,
         metadata=metadata_key,
         corrupt=corrupt_key,
-        inputs=inputs_key,
+        inputs=(inputs_key,),
         full_check=full_check,
         valid=len(rows),
         corrupt_count=len(corrupt),

@@ -27,6 +27,12 @@ class Datasource(_Section):
         "starting with `!` exclude (gitignore-style). Relative paths are read from the "
         "input location.",
     )
+    use_frame_count_metadata: bool = Field(
+        False,
+        description="Count a video's frames from its container's metadata when that count "
+        "can be trusted (MP4/MOV, AVI; faster on buckets: only the header is read); "
+        "otherwise, and by default, by demuxing every packet (no decode).",
+    )
 
 
 class StorageSettings(_Section):
@@ -45,6 +51,11 @@ class CorruptnessCheck(_Section):
         gt=0,
         description="Images with more pixels are flagged as decompression bombs "
         "(Pillow's own hard limit by default).",
+    )
+    keep_decodable_frames: bool = Field(
+        False,
+        description="For a corrupt video: false excludes all its frames from the run; "
+        "true keeps the frames that decode (the video is reported corrupt either way).",
     )
 
 
@@ -118,7 +129,21 @@ class CurateConfig(_Section):
     stopping_condition: StoppingCondition = StoppingCondition()
     embedding: Embedding = Embedding()
     selection: Selection = Selection()
-    shard_size: int = Field(2000, gt=0, description="Samples per Prefect task run.")
+    every_nth_frame: int = Field(
+        1, gt=0, description="Use frames 0, n, 2n, ... of each video as samples."
+    )
+    selected_sequence_length: int | None = Field(
+        None,
+        gt=0,
+        description="Select sequences of this many consecutive (sampled) video frames "
+        "instead of single frames; images are then not selected.",
+    )
+    shard_size: int = Field(
+        2000,
+        gt=0,
+        description="Images per Prefect task run; video frames are embedded in chunks of "
+        "this many.",
+    )
     num_workers: int = Field(-1, ge=-1, description="Decode threads; -1: one per vCPU.")
     seed: int = 0
 

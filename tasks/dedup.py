@@ -42,12 +42,16 @@ def load_metadata(storage: Storage, shards: list[CheckedShard]) -> pd.DataFrame:
 
 
 @cached_step("dedup")
-def dedup(shards: list[CheckedShard], output_url: str) -> str:
+def dedup(shards: list[CheckedShard], output_url: str, include_frames: bool = True) -> str:
     """Find exact duplicates across all shards; returns the key of a JSON map
-    {duplicate: kept}."""
+    {duplicate: kept}. Without `include_frames` video frames are never duplicates (a
+    selected sequence keeps every frame, repeated ones too)."""
     key = step_key("dedup", dict(locals()))
     output = open_storage(output_url)
-    duplicates = find_duplicates(load_metadata(output, shards))
+    metadata = load_metadata(output, shards)
+    if not include_frames and len(metadata):
+        metadata = metadata[metadata["video"].isna()]
+    duplicates = find_duplicates(metadata)
     result_key = artifact_key("dedup", key, ".json")
     output.write(result_key, json.dumps(duplicates, sort_keys=True, indent=0).encode())
     return result_key

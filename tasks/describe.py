@@ -4,6 +4,11 @@ Brightness, contrast and saturation are in [0, 1] (mean luma, RMS contrast of lu
 HSV saturation); sharpness is the variance of the 4-neighbour Laplacian of luma in 8-bit
 units (higher is sharper). Two hashes find exact duplicates: `content_hash` over the
 bytes, `pixel_hash` over the decoded RGB pixels and size (same picture, other encoding).
+
+A video frame has no bytes of its own: both hashes are over its full decoded picture (so
+identical frames are exact duplicates), and the other measures are taken on the frame as
+downscaled at decode time for the model (the full-size RGB frame is never made, which is
+what keeps the video path as fast as a bare decode loop).
 """
 
 from __future__ import annotations
@@ -33,6 +38,11 @@ METADATA_SCHEMA = pa.DataFrameSchema(
         "sharpness": pa.Column("float64", pa.Check.ge(0.0)),
         "content_hash": pa.Column(str, pa.Check.str_length(64, 64)),
         "pixel_hash": pa.Column(str, pa.Check.str_length(64, 64)),
+        # Video frames only (null for images): which video, which frame, and when.
+        "video": pa.Column(str, nullable=True),
+        "frame_index": pa.Column("Int64", pa.Check.ge(0), nullable=True),
+        "pts": pa.Column("Int64", nullable=True),
+        "seconds": pa.Column("float64", nullable=True),
     },
     strict=True,
     ordered=True,
@@ -59,6 +69,51 @@ def describe(name: str, data: bytes, decoded: Decoded) -> dict[str, object]:
         "sharpness": laplacian_variance(luma),
         "content_hash": hashlib.sha256(data).hexdigest(),
         "pixel_hash": pixel_hash.hexdigest(),
+        "video": None,
+        "frame_index": None,
+        "pts": None,
+        "seconds": None,
+    }
+
+
+def describe_frame(
+    name: str,
+    video: str,
+    file_size: int,
+    codec: str,
+    index: int,
+    pts: int | None,
+    seconds: float | None,
+    width: int,
+    height: int,
+    pixel_format: str,
+    picture: np.ndarray,
+    small_rgb: np.ndarray,
+) -> dict[str, object]:
+    """One metadata row for a video frame: `picture` is the full decoded frame (any pixel
+    layout, hashed), `small_rgb` the downscaled RGB frame (measured)."""
+    digest = hashlib.sha256(f"{picture.shape}{pixel_format}".encode())
+    digest.update(np.ascontiguousarray(picture).data)
+    pixel_hash = digest.hexdigest()
+    rgb = small_rgb.astype(np.float32)
+    luma = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+    return {
+        "filename": name,
+        "width": width,
+        "height": height,
+        "file_size": file_size,
+        "format": codec,
+        "mode": pixel_format,
+        "brightness": float(luma.mean()) / 255.0,
+        "contrast": float(luma.std()) / 255.0,
+        "saturation": mean_saturation(small_rgb),
+        "sharpness": laplacian_variance(luma),
+        "content_hash": pixel_hash,
+        "pixel_hash": pixel_hash,
+        "video": video,
+        "frame_index": index,
+        "pts": pts,
+        "seconds": seconds,
     }
 
 

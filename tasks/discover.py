@@ -1,10 +1,11 @@
-"""Discover: list the input, keep the images, cut the list into shards.
+"""Discover: list the input, keep the images and videos, cut the list into shards.
 
 A shard is the unit of Prefect work: a few thousand objects whose identities are written
 to a manifest in the output location; Prefect only sees the manifest's key and the
 shard's content hash. Shard boundaries are content-defined (a boundary follows every key
 whose hash is 0 modulo the shard size), so a new object changes one shard, not every
-shard after it, and a rerun finds every other shard in the cache.
+shard after it, and a rerun finds every other shard in the cache. A video is a shard of
+its own: it holds thousands of samples (its frames), and its check decodes it start to end.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from tasks.caching import artifact_key, content_key
 from tasks.errors import CurateError
 from tasks.storage import ObjectInfo, Storage, open_storage
+from tasks.video import VIDEO_EXTENSIONS, is_video
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "bmp", "gif", "tif", "tiff", "webp"})
 
@@ -37,10 +39,16 @@ class Shard:
     manifest: str  # key in the output storage
     count: int
     total_bytes: int
+    kind: str = "images"  # or "video": one video whose frames are the samples
 
 
 def is_image(key: str) -> bool:
     return posixpath.splitext(key)[1].lower().lstrip(".") in IMAGE_EXTENSIONS
+
+
+def is_sample_source(key: str) -> bool:
+    """An image or a video: an object the pipeline takes samples from."""
+    return is_image(key) or is_video(key)
 
 
 def parse_patterns(text: str) -> list[tuple[bool, str]]:
@@ -119,8 +127,9 @@ class Discovery:
     """What a listing found; filled in while its shards are handed out."""
 
     shards: list[Shard] = field(default_factory=list)
-    discovered: int = 0  # images found (after relevant-filename filtering)
-    skipped: int = 0  # objects that are not images or not relevant
+    discovered: int = 0  # images and videos found (after relevant-filename filtering)
+    videos: int = 0
+    skipped: int = 0  # objects that are neither or not relevant
     total_bytes: int = 0
     retries: int = 0
     seconds: float = 0.0  # spent listing and writing manifests, not waiting on the consumer
@@ -136,23 +145,41 @@ def discover_shards(
     """List the input lazily and yield each shard as soon as its manifest is written, so
     work on the first shards starts while a large bucket is still being listed."""
 
+    videos: list[ObjectInfo] = []
+
     def images() -> Iterator[ObjectInfo]:
+        """Relevant images, in listing order; relevant videos are put aside in `videos`
+        as they pass, so each becomes a shard right after the image shard it is in."""
         for obj in input_storage.list():
-            if is_image(obj.key) and (patterns is None or is_relevant(obj.key, patterns)):
+            if patterns is not None and not is_relevant(obj.key, patterns):
+                found.skipped += 1
+            elif is_image(obj.key):
                 yield obj
+            elif is_video(obj.key):
+                videos.append(obj)
             else:
                 found.skipped += 1
 
+    def groups() -> Iterator[tuple[str, list[ObjectInfo]]]:
+        for objects in cut_shards(images(), shard_size):
+            while videos:
+                yield "video", [videos.pop(0)]
+            yield "images", objects
+        while videos:
+            yield "video", [videos.pop(0)]
+
     started = time.perf_counter()
-    for index, objects in enumerate(cut_shards(images(), shard_size)):
+    for index, (kind, objects) in enumerate(groups()):
         data = manifest_bytes(objects)
         identity = content_key("shard", input=input_storage.url, manifest=data.decode())
         manifest = artifact_key("shards", identity, ".jsonl")
         if not output_storage.exists(manifest):
             output_storage.write(manifest, data)
-        shard = Shard(index, identity, manifest, len(objects), sum(o.size for o in objects))
+        total = sum(o.size for o in objects)
+        shard = Shard(index, identity, manifest, len(objects), total, kind)
         found.shards.append(shard)
         found.discovered += shard.count
+        found.videos += shard.count if kind == "video" else 0
         found.total_bytes += shard.total_bytes
         found.retries = input_storage.retries + output_storage.retries
         found.seconds += time.perf_counter() - started
@@ -162,7 +189,8 @@ def discover_shards(
     found.retries = input_storage.retries + output_storage.retries
     if found.discovered == 0:
         raise CurateError(
-            f"input {input_storage.url}: no images found ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+            f"input {input_storage.url}: no images or videos found "
+            f"({', '.join(sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))})"
         )
 
 

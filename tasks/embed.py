@@ -1,4 +1,4 @@
-"""Embed: one L2-normalised float32 vector per valid image, from a timm backbone.
+"""Embed: one L2-normalised float32 vector per valid image or video frame, from timm.
 
 The model's inputs were made by the check in its single read of each object (squashed to
 input_size x input_size); when they are gone (deleted after use to keep the disk bounded,
@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from tasks.describe import read_parquet_bytes
 from tasks.device import pick_device
 from tasks.errors import CurateError
 from tasks.storage import Storage, open_storage, process_objects
+from tasks.video import VideoError, decode_frames
 
 # Classifier weights a backbone checkpoint may carry; the embedding model has no head.
 _HEAD_PREFIXES = ("fc.", "head.", "classifier.", "head.fc.", "last_linear.")
@@ -196,6 +198,50 @@ def load_model_inputs(
     return inputs
 
 
+def shard_inputs(
+    checked: CheckedShard, source: Storage, output: Storage, input_size: int, workers: int
+) -> Iterator[np.ndarray]:
+    """The shard's model inputs, one part at a time: the check's parts while they all
+    exist, else made again from the input (a cached check from an earlier run)."""
+    if all(output.exists(part) for part in checked.inputs):
+        for part in checked.inputs:
+            yield read_npy(output, part)
+        return
+    metadata = read_parquet_bytes(output.read(checked.metadata))
+    if checked.videos is not None:
+        yield from frame_inputs(source, metadata, input_size)
+        return
+    # The same pixels as the check made: JPEGs at reduced size only when it did.
+    draft_size = None if checked.full_check else input_size
+    names = metadata["filename"].tolist()
+    yield load_model_inputs(source, names, draft_size, input_size, workers)
+
+
+# Frames per part when a video's frames are decoded again for the model.
+FRAME_PART = 1024
+
+
+def frame_inputs(source: Storage, metadata: Any, input_size: int) -> Iterator[np.ndarray]:
+    """Decode the frames listed in `metadata` again, downscaled, in its row order."""
+    part: list[np.ndarray] = []
+    for video, rows in metadata.groupby("video", sort=False):
+        wanted = set(int(i) for i in rows["frame_index"])
+        last = max(wanted)
+        try:
+            with source.open(str(video)) as stream:
+                for frame in decode_frames(stream, input_size, stop=last + 1):
+                    if frame.index in wanted:
+                        part.append(frame.rgb)
+                        if len(part) == FRAME_PART:
+                            yield np.stack(part)
+                            part = []
+        except (VideoError, FileNotFoundError) as exc:
+            where = source.join(str(video))
+            raise CurateError(f"{where}: changed during the run ({exc})") from None
+    if part:
+        yield np.stack(part)
+
+
 @dataclass(frozen=True)
 class EmbeddedShard:
     shard_index: int
@@ -223,18 +269,21 @@ def embed_shard(
     key = step_key("embed", dict(locals()))
     started = time.perf_counter()
     output, source = open_storage(output_url), open_storage(input_url)
-    if output.exists(checked.inputs):
-        inputs = read_npy(output, checked.inputs)
-    else:
-        names = read_parquet_bytes(output.read(checked.metadata))["filename"].tolist()
-        # The same pixels as the check made: JPEGs at reduced size only when it did.
-        draft_size = None if checked.full_check else input_size
-        inputs = load_model_inputs(source, names, draft_size, input_size, num_workers)
     embedder = get_embedder(model, weights, checkpoint, pick_device(device))
-    embeddings = embedder.embed(inputs, batch_size)
+    blocks = [
+        embedder.embed(inputs, batch_size)
+        for inputs in shard_inputs(checked, source, output, input_size, num_workers)
+    ]
+    embeddings = np.concatenate(blocks) if blocks else np.empty((0, embedder.dim), np.float32)
+    if len(embeddings) != checked.valid:
+        raise CurateError(
+            f"shard {checked.shard_index}: {checked.valid} samples checked but "
+            f"{len(embeddings)} model inputs found; the input changed during the run"
+        )
     embeddings_key = artifact_key("embed", key, ".npy")
     output.write(embeddings_key, npy_bytes(embeddings))
-    output.delete(checked.inputs)  # keep the disk cache bounded to shards in flight
+    for part in checked.inputs:
+        output.delete(part)  # keep the disk cache bounded to shards in flight
     return EmbeddedShard(
         shard_index=checked.shard_index,
         embeddings=embeddings_key,

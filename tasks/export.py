@@ -21,6 +21,7 @@ import pandera.pandas as pa
 from tasks.check import CheckedShard, read_npy
 from tasks.describe import METADATA_SCHEMA, read_parquet_bytes, to_parquet_bytes
 from tasks.embed import EmbeddedShard
+from tasks.frames import export_frames
 from tasks.storage import Storage
 
 RUN_METADATA_SCHEMA = METADATA_SCHEMA.add_columns(
@@ -92,19 +93,27 @@ def _lines(names: list[str]) -> bytes:
 
 def export(
     output: Storage,
+    source: Storage,
     summary: RunSummary,
     checked: list[CheckedShard],
     embedded: list[EmbeddedShard],
     duplicates: dict[str, str],
-    selected: list[str],
+    picked: dict[str, Any],
     run_started: float,
 ) -> str:
-    """Write the run directory and point LATEST at it; returns the run directory's URL."""
+    """Write the run directory and point LATEST at it; returns the run directory's URL.
+    `picked` is the select step's result: `selected` names and `sequences`."""
     export_started = time.perf_counter()
     run = f"runs/{summary.run_id}"
+    selected: list[str] = picked["selected"]
     corrupt: dict[str, str] = {}
+    corrupt_videos: dict[str, str] = {}
+    videos: dict[str, Any] = {}
     for check in checked:
-        corrupt.update(json.loads(output.read(check.corrupt)))
+        reasons = json.loads(output.read(check.corrupt))
+        (corrupt if check.videos is None else corrupt_videos).update(reasons)
+        if check.videos is not None:
+            videos.update(json.loads(output.read(check.videos)))
 
     metadata = pd.concat(
         [read_parquet_bytes(output.read(c.metadata)) for c in checked], ignore_index=True
@@ -114,22 +123,45 @@ def export(
     output.write(
         f"{run}/data/metadata.parquet", to_parquet_bytes(RUN_METADATA_SCHEMA.validate(metadata))
     )
+    # Selected video frames become files of their own; selected images already are.
+    frames = metadata[metadata["selected"] & metadata["video"].notna()]
+    frames_started = time.perf_counter()
+    frame_bytes = export_frames(source, output, f"{run}/selected", frames)
+    summary.steps["export_frames"] = StepStats(
+        seconds=time.perf_counter() - frames_started,
+        bytes_read=frame_bytes,
+        retries=source.retries,
+        shards=frames["video"].nunique(),
+    )
+    if videos:
+        output.write_text(f"{run}/data/videos.json", json.dumps(videos, indent=2, sort_keys=True))
+    if picked["sequences"]:
+        output.write_text(
+            f"{run}/sequence_information.json", json.dumps(picked["sequences"], indent=2)
+        )
     output.write_stream(
         f"{run}/data/embeddings.csv", _embedding_rows(output, checked, embedded, duplicates)
     )
     output.write(f"{run}/filenames/selected_filenames.txt", _lines(selected))
-    output.write(f"{run}/filenames/corrupt_filenames.txt", _lines(sorted(corrupt)))
+    output.write(f"{run}/filenames/corrupt_filenames.txt", _lines(sorted(corrupt | corrupt_videos)))
     output.write(f"{run}/filenames/duplicate_filenames.txt", _lines(sorted(duplicates)))
+    information = {"corrupt_samples": corrupt, "corrupt_videos": corrupt_videos}
     output.write_text(
         f"{run}/corruptness_check_information.json",
-        json.dumps({"corrupt_samples": corrupt, "corrupt_videos": {}}, indent=2, sort_keys=True),
+        json.dumps(information, indent=2, sort_keys=True),
     )
     finished = time.perf_counter()
     summary.steps["export"] = StepStats(
         seconds=finished - export_started, retries=output.retries, shards=1
     )
     summary.seconds = finished - run_started
-    document = report(summary, metadata, corrupt, duplicates, selected)
+    document = report(summary, metadata, corrupt | corrupt_videos, duplicates, selected)
+    document["counts"] |= {
+        "videos": len(videos),
+        "corrupt_videos": len(corrupt_videos),
+        "frames": int(metadata["video"].notna().sum()),
+        "selected_sequences": len(picked["sequences"]),
+    }
     output.write_text(f"{run}/report.json", json.dumps(document, indent=2))
     output.write_text("LATEST", summary.run_id + "\n")
     return output.join(run)

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 
 from tasks.caching import artifact_key, cached_step, step_key
@@ -126,10 +127,15 @@ def select(
 
 @dataclass(frozen=True)
 class Candidates:
-    """Everything selection may pick from, in shard order."""
+    """Everything selection may pick from, in shard order, with where each frame is from
+    (`rows`: filename, video, frame_index, pts, seconds; video is null for images)."""
 
     names: list[str]
     embeddings: np.ndarray
+    rows: pd.DataFrame
+
+
+FRAME_COLUMNS = ["filename", "video", "frame_index", "pts", "seconds"]
 
 
 def load_candidates(
@@ -138,17 +144,60 @@ def load_candidates(
     embedded: list[EmbeddedShard],
     excluded: set[str],
 ) -> Candidates:
-    names: list[str] = []
+    frames = []
     blocks = []
     for check, embed in zip(checked, embedded, strict=True):
-        shard_names = read_parquet_bytes(storage.read(check.metadata))["filename"].tolist()
+        metadata = read_parquet_bytes(storage.read(check.metadata))[FRAME_COLUMNS]
         vectors = read_npy(storage, embed.embeddings)
-        keep = [i for i, name in enumerate(shard_names) if name not in excluded]
-        names.extend(shard_names[i] for i in keep)
+        keep = ~metadata["filename"].isin(excluded).to_numpy()
+        frames.append(metadata[keep])
         blocks.append(vectors[keep])
     dim = blocks[0].shape[1] if blocks else 0
     matrix = np.concatenate(blocks) if blocks else np.empty((0, dim), np.float32)
-    return Candidates(names, matrix)
+    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=FRAME_COLUMNS)
+    return Candidates(rows["filename"].tolist(), matrix, rows)
+
+
+def sequences(candidates: Candidates, length: int) -> list[list[int]]:
+    """Candidate rows cut into runs of `length` consecutive sampled frames per video, in
+    frame order; a video's last, shorter run is left out. Images are in none."""
+    runs: list[list[int]] = []
+    frames = candidates.rows.dropna(subset=["video"])
+    for _, rows in frames.groupby("video", sort=False):
+        order = rows.sort_values("frame_index").index.tolist()
+        runs.extend(order[i : i + length] for i in range(0, len(order) - length + 1, length))
+    return runs
+
+
+def sequence_information(candidates: Candidates, run: list[int]) -> dict[str, object]:
+    """One selected sequence as Lightly's `sequence_information.json` describes it."""
+    rows = candidates.rows.loc[run]
+    return {
+        "video_name": rows["video"].iloc[0],
+        "frame_names": rows["filename"].tolist(),
+        "frame_indices": [int(i) for i in rows["frame_index"]],
+        "frame_timestamps_pts": [None if pd.isna(p) else int(p) for p in rows["pts"]],
+        "frame_timestamps_sec": [None if pd.isna(t) else float(t) for t in rows["seconds"]],
+    }
+
+
+def select_sequences(
+    candidates: Candidates,
+    length: int,
+    strategy: str,
+    stopping: StoppingCondition,
+    seed: int,
+    device: torch.device,
+) -> tuple[list[str], list[dict[str, object]]]:
+    """Select whole sequences by their mean frame embedding; (frame names, sequences)."""
+    runs = sequences(candidates, length)
+    if not runs:
+        return [], []
+    means = np.stack([candidates.embeddings[run].mean(axis=0) for run in runs])
+    means /= np.linalg.norm(means, axis=1, keepdims=True).clip(min=1e-12)
+    picks = select(means, strategy, stopping, seed, device)
+    names = [candidates.names[i] for pick in picks for i in runs[pick]]
+    return names, [sequence_information(candidates, runs[pick]) for pick in picks]
 
 
 @cached_step("select")
@@ -161,14 +210,23 @@ def select_samples(
     stopping: StoppingCondition,
     seed: int,
     device: str,
+    sequence_length: int | None = None,
 ) -> str:
-    """Pick samples among the embedded, non-duplicate ones; returns the key of a JSON
-    list of names in pick order."""
+    """Pick samples among the embedded, non-duplicate ones (or, with `sequence_length`,
+    sequences of video frames); returns the key of a JSON object: `selected`, names in
+    pick order, and `sequences`, what each picked sequence holds."""
     key = step_key("select", dict(locals()))
     output = open_storage(output_url)
     duplicates = json.loads(output.read(duplicates_key)) if duplicates_key else {}
     candidates = load_candidates(output, checked, embedded, set(duplicates))
-    picks = select(candidates.embeddings, strategy, stopping, seed, pick_device(device))
+    on = pick_device(device)
+    picked: dict[str, object]
+    if sequence_length:
+        names, runs = select_sequences(candidates, sequence_length, strategy, stopping, seed, on)
+        picked = {"selected": names, "sequences": runs}
+    else:
+        picks = select(candidates.embeddings, strategy, stopping, seed, on)
+        picked = {"selected": [candidates.names[i] for i in picks], "sequences": []}
     result_key = artifact_key("select", key, ".json")
-    output.write(result_key, json.dumps([candidates.names[i] for i in picks]).encode())
+    output.write(result_key, json.dumps(picked).encode())
     return result_key

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import bisect
 import io
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import BinaryIO, Literal
@@ -419,7 +419,7 @@ def _decoded(
         raise VideoError(f"frame {produced} fails to decode: {_short(exc)}") from exc
 
 
-def _rgb(frame: VideoFrame, size: int | None) -> np.ndarray:
+def to_rgb(frame: VideoFrame, size: int | None) -> np.ndarray:
     if size is None:
         return frame.to_ndarray(format="rgb24")
     # Scaled by swscale while converting from YUV, so the full-size RGB frame never exists;
@@ -456,14 +456,20 @@ def decode_frames(
             if index < start or index % every_nth:
                 continue
             seconds = None if pts is None or first is None else float((pts - first) * time_base)
-            yield DecodedFrame(index, pts, seconds, _rgb(frame, size))
+            yield DecodedFrame(index, pts, seconds, to_rgb(frame, size))
 
 
-def check_video(stream: BinaryIO, declared_frames: int | None) -> tuple[int, str | None]:
+def check_video(
+    stream: BinaryIO,
+    declared_frames: int | None,
+    on_frame: Callable[[int, VideoFrame], None] | None = None,
+) -> tuple[int, str | None]:
     """Decode every frame: (frames decoded before the first failure, reason or None).
 
     `declared_frames` is what the video claims (the container's count from `probe`); pass
-    None when it has none, and the container's declared duration is the measure instead."""
+    None when it has none, and the container's declared duration is the measure instead.
+    `on_frame(index, frame)` sees each frame that decodes, in presentation order (the
+    plain loop's indices), so one pass both checks a video and uses its frames."""
     container = _open(stream)
     if isinstance(container, str):
         return 0, container
@@ -488,7 +494,10 @@ def check_video(stream: BinaryIO, declared_frames: int | None) -> tuple[int, str
                     # After the first failure only demux (cheap): enough to tell a cut
                     # file from a damaged one.
                     try:
-                        decoded += len(packet.decode())
+                        for frame in packet.decode():
+                            if on_frame is not None:
+                                on_frame(decoded, frame)
+                            decoded += 1
                     except av.error.FFmpegError as exc:
                         decode_error = f"frame {decoded} fails to decode: {_short(exc)}"
         except av.error.FFmpegError as exc:

@@ -70,7 +70,7 @@ def test_an_error_inside_the_flow_is_one_line_too(tmp_path, demo_folder):
         "stopping_condition.n_samples=3",
         f"datasource.relevant_filenames_file={tmp_path / 'relevant.txt'}",
     )
-    assert_one_line_error(result, 1, "no images found")
+    assert_one_line_error(result, 1, "no images or videos found")
 
 
 def test_missing_checkpoint_names_the_key(tmp_path, demo_folder):

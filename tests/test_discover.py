@@ -112,7 +112,7 @@ def test_discover_writes_readable_manifests_and_counts(tmp_path: Path) -> None:
 def test_discover_without_images_raises(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "notes.txt").write_text("hi")
-    with pytest.raises(CurateError, match="no images found"):
+    with pytest.raises(CurateError, match="no images or videos found"):
         discover(open_storage(str(tmp_path / "in")), open_storage(str(tmp_path / "out")), 10)
 
 
