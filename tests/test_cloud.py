@@ -206,7 +206,7 @@ def _cli(env: dict[str, str], *args: str) -> Callable[[], Any]:
     ("kind", "make_url", "env_change", "expected"),
     [
         ("s3", lambda b: "s3://no-such-bucket-xyz/raw", {}, "s3://no-such-bucket-xyz"),
-        ("s3", lambda b: f"{b}/nothing-here", {}, "no images found"),
+        ("s3", lambda b: f"{b}/nothing-here", {}, "no images or videos found"),
         (
             "s3",
             lambda b: f"{b}/raw",
