@@ -124,6 +124,8 @@ class S3Storage(_BucketStorage):
             super().is_transient(exc)
             or isinstance(exc, streaming)
             or (_s3_status(exc) in (429, 500, 502, 503, 504))
+            # A conditional write that met a concurrent delete: AWS says to send it again.
+            or _s3_code(exc) == "ConditionalRequestConflict"
         )
 
     def _call(
@@ -159,6 +161,8 @@ class S3Storage(_BucketStorage):
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchKey", "404", "NotFound") and key is not None:
                 return FileNotFoundError(where)
+            if code == "PreconditionFailed" and key is not None:
+                return FileExistsError(where)
             if code == "NoSuchBucket":
                 return CurateError(f"s3://{self.bucket}: no such bucket")
             if code in (
@@ -246,6 +250,15 @@ class S3Storage(_BucketStorage):
         )
         return {"ETag": response["ETag"], "PartNumber": number}
 
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        try:
+            self._call("put_object", key, Key=self._full(key), Body=data, IfNoneMatch="*")
+        except FileExistsError:
+            # 412: it exists, maybe from our own attempt that landed before a retried
+            # failure (a reset after the upload); only then does it hold our bytes.
+            return self._holds(key, data)
+        return True
+
     def exists(self, key: str) -> bool:
         try:
             self._call("head_object", key, Key=self._full(key))
@@ -259,6 +272,11 @@ class S3Storage(_BucketStorage):
 
 def _body(response: Any) -> bytes:
     return bytes(response["Body"].read())
+
+
+def _s3_code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
 
 
 def _s3_status(exc: BaseException) -> int | None:
@@ -299,6 +317,20 @@ class _FsspecStorage(_BucketStorage):
     def write(self, key: str, data: bytes) -> None:
         # A GCS or Azure upload is published whole when it completes: atomic already.
         self._op(key, lambda: self.fs.pipe_file(self._path(key), data))
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        # mode="create" is a precondition the service checks: ifGenerationMatch=0 (GCS),
+        # If-None-Match: * (Azure); both clients raise FileExistsError when it fails.
+        def create() -> bool:
+            try:
+                self.fs.pipe_file(self._path(key), data, mode="create")
+            except FileExistsError:
+                return False  # here, not in _guard, which takes OSErrors for transient
+            return True
+
+        # The client retries on its own, unseen: a failed precondition may follow our own
+        # first attempt landing, so the object is compared (see Storage.create_exclusive).
+        return bool(self._op(key, create)) or self._holds(key, data)
 
     def exists(self, key: str) -> bool:
         return bool(self._guard(lambda: self.fs.exists(self._path(key)), key))

@@ -12,9 +12,11 @@ naming the URL.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
+import shutil
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -135,11 +137,36 @@ class Storage(ABC):
         self.write(key, b"".join(chunks))
 
     @abstractmethod
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Create the object only if there is none: True if this call created it, False if
+        it existed. Of writers racing for one key exactly one gets True, and the object is
+        never seen half-written: the primitive under locks and never-reused names.
+
+        Give each writer's `data` something unique (a token). A remote create can be
+        retried (by us or by the client library) after its first attempt did land; the
+        retry then fails its precondition, so the object is read back and compared, and
+        identical bytes from another writer would pass for our own."""
+
+    @abstractmethod
     def exists(self, key: str) -> bool: ...
 
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove the object; missing objects are fine."""
+
+    def delete_folder(self, folder: str) -> None:
+        """Remove every object under `folder` (a missing one is fine)."""
+        if not folder.strip("/"):
+            raise ValueError("delete_folder needs a folder, not the root")
+        for obj in list(self.list(folder.rstrip("/") + "/")):
+            self.delete(obj.key)
+
+    def _holds(self, key: str, data: bytes) -> bool:
+        """Whether the object exists with exactly `data` (see `create_exclusive`)."""
+        try:
+            return self.read(key) == data
+        except FileNotFoundError:
+            return False
 
     def read_text(self, key: str) -> str:
         return self.read(key).decode("utf-8")
@@ -327,11 +354,35 @@ class LocalStorage(Storage):
         finally:
             tmp.unlink(missing_ok=True)
 
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            tmp.write_bytes(data)
+            # A hard link publishes the finished file under its name, and fails rather than
+            # replaces when the name exists (os.replace would replace, open("x") would
+            # show the file half-written).
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def delete_folder(self, folder: str) -> None:
+        # The folder goes too (a bucket has no empty folders), with any temporary files
+        # that a killed writer left in it.
+        if not folder.strip("/"):
+            raise ValueError("delete_folder needs a folder, not the root")
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(self._path(folder.rstrip("/")))
 
 
 def open_storage(url: str) -> Storage:
