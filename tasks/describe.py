@@ -5,16 +5,18 @@ HSV saturation); sharpness is the variance of the 4-neighbour Laplacian of luma 
 units (higher is sharper). Two hashes find exact duplicates: `content_hash` over the
 bytes, `pixel_hash` over the decoded RGB pixels and size (same picture, other encoding).
 
-A video frame has no bytes of its own: both hashes are over its full decoded picture (so
-identical frames are exact duplicates), and the other measures are taken on the frame as
-downscaled at decode time for the model (the full-size RGB frame is never made, which is
-what keeps the video path as fast as a bare decode loop).
+A video frame has no bytes of its own: both of its hashes are the pixel hash of its
+decoded picture (so identical frames are exact duplicates; see `picture_crc`), and the
+other measures are taken on the frame as downscaled at decode time for the model (the
+full-size RGB frame is never made, which keeps the video path near a bare decode loop).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import zlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -76,45 +78,95 @@ def describe(name: str, data: bytes, decoded: Decoded) -> dict[str, object]:
     }
 
 
-def describe_frame(
-    name: str,
-    video: str,
-    file_size: int,
-    codec: str,
-    index: int,
-    pts: int | None,
-    seconds: float | None,
-    width: int,
-    height: int,
-    pixel_format: str,
-    picture: np.ndarray,
-    small_rgb: np.ndarray,
-) -> dict[str, object]:
-    """One metadata row for a video frame: `picture` is the full decoded frame (any pixel
-    layout, hashed), `small_rgb` the downscaled RGB frame (measured)."""
-    digest = hashlib.sha256(f"{picture.shape}{pixel_format}".encode())
-    digest.update(np.ascontiguousarray(picture).data)
-    pixel_hash = digest.hexdigest()
-    rgb = small_rgb.astype(np.float32)
-    luma = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
-    return {
-        "filename": name,
-        "width": width,
-        "height": height,
-        "file_size": file_size,
-        "format": codec,
-        "mode": pixel_format,
-        "brightness": float(luma.mean()) / 255.0,
-        "contrast": float(luma.std()) / 255.0,
-        "saturation": mean_saturation(small_rgb),
-        "sharpness": laplacian_variance(luma),
-        "content_hash": pixel_hash,
-        "pixel_hash": pixel_hash,
-        "video": video,
-        "frame_index": index,
-        "pts": pts,
-        "seconds": seconds,
-    }
+@dataclass(frozen=True)
+class FrameFacts:
+    """What is known of a video frame when it is decoded; the rest is measured later,
+    for a whole part of frames at once (`describe_frames`)."""
+
+    name: str
+    video: str
+    file_size: int
+    codec: str
+    index: int
+    pts: int | None
+    seconds: float | None
+    width: int
+    height: int
+    pixel_format: str
+    picture_crc: int  # CRC-32 of the full decoded picture
+
+
+def picture_crc(picture: np.ndarray) -> int:
+    """A checksum of a full decoded frame at memory speed (sha256 costs 3x more, which is a
+    fifth of a decode loop's time). With the sha256 of the downscaled frame it makes the
+    pixel hash: two frames share it only when their downscaled pixels are identical and
+    their full pictures collide in CRC-32, 1 in 4e9 for such near-identical frames."""
+    return zlib.crc32(np.ascontiguousarray(picture).data)
+
+
+# Frames measured per vectorised pass: temporaries of a few MB stay in cache; one pass over
+# thousands of frames is several times slower (page faults and memory traffic).
+FRAMES_PER_PASS = 64
+
+
+def describe_frames(facts: list[FrameFacts], small_rgb: np.ndarray) -> list[dict[str, object]]:
+    """Metadata rows for frames, measured on their downscaled RGB (`small_rgb`, N x S x S x
+    3, rows aligned with `facts`) in vectorised passes."""
+    rows = []
+    for start in range(0, len(facts), FRAMES_PER_PASS):
+        stop = start + FRAMES_PER_PASS
+        rows.extend(_describe_frames(facts[start:stop], small_rgb[start:stop]))
+    return rows
+
+
+def _describe_frames(facts: list[FrameFacts], small_rgb: np.ndarray) -> list[dict[str, object]]:
+    red, green, blue = (small_rgb[..., c].astype(np.float32) for c in range(3))
+    luma = red * 0.299 + green * 0.587 + blue * 0.114
+    brightness = luma.mean(axis=(1, 2)) / 255.0
+    contrast = luma.std(axis=(1, 2)) / 255.0
+    # Channel by channel: a reduction over the last axis of length 3 is 30x slower.
+    high = np.maximum(np.maximum(red, green), blue)
+    low = np.minimum(np.minimum(red, green), blue)
+    saturation = np.divide(high - low, high, out=np.zeros_like(high), where=high > 0)
+    saturation = saturation.mean(axis=(1, 2))
+    if luma.shape[1] >= 3 and luma.shape[2] >= 3:
+        lap = (
+            luma[:, :-2, 1:-1]
+            + luma[:, 2:, 1:-1]
+            + luma[:, 1:-1, :-2]
+            + luma[:, 1:-1, 2:]
+            - 4 * luma[:, 1:-1, 1:-1]
+        )
+        sharpness = lap.var(axis=(1, 2))
+    else:
+        sharpness = np.zeros(len(facts), np.float32)
+    rows = []
+    for i, fact in enumerate(facts):
+        digest = hashlib.sha256(f"{fact.width}x{fact.height}{fact.pixel_format}".encode())
+        digest.update(fact.picture_crc.to_bytes(4, "big"))
+        digest.update(np.ascontiguousarray(small_rgb[i]).data)
+        pixel_hash = digest.hexdigest()
+        rows.append(
+            {
+                "filename": fact.name,
+                "width": fact.width,
+                "height": fact.height,
+                "file_size": fact.file_size,
+                "format": fact.codec,
+                "mode": fact.pixel_format,
+                "brightness": float(brightness[i]),
+                "contrast": float(contrast[i]),
+                "saturation": float(saturation[i]),
+                "sharpness": float(sharpness[i]),
+                "content_hash": pixel_hash,
+                "pixel_hash": pixel_hash,
+                "video": fact.video,
+                "frame_index": fact.index,
+                "pts": fact.pts,
+                "seconds": fact.seconds,
+            }
+        )
+    return rows
 
 
 def mean_saturation(rgb: np.ndarray) -> float:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,14 @@ from PIL import Image
 
 from tasks.caching import artifact_key, cached_step, step_key
 from tasks.check import CheckedShard, npy_bytes
-from tasks.describe import describe_frame, metadata_frame, to_parquet_bytes
+from tasks.describe import (
+    FRAMES_PER_PASS,
+    FrameFacts,
+    describe_frames,
+    metadata_frame,
+    picture_crc,
+    to_parquet_bytes,
+)
 from tasks.discover import Shard, read_manifest
 from tasks.storage import ObjectInfo, Storage, open_storage
 from tasks.video import VideoInfo, check_video, frame_name, probe, read_frames, to_rgb
@@ -46,9 +53,55 @@ class _VideoPass:
     the keys of the input parts written so far."""
 
     rows: list[dict[str, object]] = field(default_factory=list)
-    buffer: list[np.ndarray] = field(default_factory=list)
     parts: list[str] = field(default_factory=list)
-    first_pts: int | None = None
+
+
+class _Parts:
+    """Model inputs of sampled frames gathered into parts of `chunk` frames, each written
+    to the output when full. Every FRAMES_PER_PASS frames are measured on a helper thread
+    (numpy releases the GIL) while this one keeps feeding the decoder."""
+
+    def __init__(self, output: Storage, prefix: str, chunk: int, size: int) -> None:
+        self.output, self.prefix, self.chunk, self.size = output, prefix, chunk, size
+        self.seen = _VideoPass()
+        self.facts: list[FrameFacts] = []
+        self.inputs = self._new_part()
+        self.described = 0  # frames of the current part handed to the helper
+        self.measuring: list[Future[list[dict[str, object]]]] = []
+        self.helper = ThreadPoolExecutor(max_workers=1)
+
+    def _new_part(self) -> np.ndarray:
+        return np.empty((self.chunk, self.size, self.size, 3), np.uint8)
+
+    def add(self, fact: FrameFacts, frame: VideoFrame) -> None:
+        self.inputs[len(self.facts)] = to_rgb(frame, self.size)
+        self.facts.append(fact)
+        if len(self.facts) - self.described >= FRAMES_PER_PASS:
+            self._measure()
+        if len(self.facts) == self.chunk:
+            self.flush()
+
+    def _measure(self) -> None:
+        block = slice(self.described, len(self.facts))
+        self.measuring.append(
+            self.helper.submit(describe_frames, self.facts[block], self.inputs[block])
+        )
+        self.described = len(self.facts)
+
+    def flush(self) -> None:
+        if not self.facts:
+            return
+        self._measure()
+        for future in self.measuring:
+            self.seen.rows.extend(future.result())
+        key = f"{self.prefix}-{len(self.seen.parts):05d}.npy"
+        self.output.write(key, npy_bytes(self.inputs[: len(self.facts)]))
+        self.seen.parts.append(key)
+        self.facts, self.measuring, self.described = [], [], 0
+        self.inputs = self._new_part()  # the helper may still hold views of the old one
+
+    def close(self) -> None:
+        self.helper.shutdown(wait=True)
 
 
 def check_one_video(
@@ -62,35 +115,25 @@ def check_one_video(
     part_prefix: str,
 ) -> tuple[_VideoPass, VideoInfo | None, int, str | None]:
     """(the pass, what probe found, frames decoded, reason or None) for one video."""
-    seen = _VideoPass()
+    parts = _Parts(output, part_prefix, chunk, input_size)
+    first_pts: list[int] = []
+    try:
+        with source.open(obj.key) as stream:
+            info = probe(stream, use_metadata)
+            if isinstance(info, str):
+                return parts.seen, None, 0, info
+            time_base = info.time_base_fraction
 
-    def flush() -> None:
-        if seen.buffer:
-            key = f"{part_prefix}-{len(seen.parts):05d}.npy"
-            output.write(key, npy_bytes(np.stack(seen.buffer)))
-            seen.parts.append(key)
-            seen.buffer.clear()
-
-    with source.open(obj.key) as stream:
-        info = probe(stream, use_metadata)
-        if isinstance(info, str):
-            return seen, None, 0, info
-        time_base = info.time_base_fraction
-
-        def on_frame(index: int, frame: VideoFrame) -> None:
-            if seen.first_pts is None and frame.pts is not None:
-                seen.first_pts = frame.pts
-            if index % every_nth:
-                return
-            small = to_rgb(frame, input_size)
-            pts = frame.pts
-            seconds = (
-                None
-                if pts is None or seen.first_pts is None
-                else float((pts - seen.first_pts) * time_base)
-            )
-            seen.rows.append(
-                describe_frame(
+            def on_frame(index: int, frame: VideoFrame) -> None:
+                pts = frame.pts
+                if not first_pts and pts is not None:
+                    first_pts.append(pts)
+                if index % every_nth:
+                    return
+                seconds = None
+                if pts is not None and first_pts:
+                    seconds = float((pts - first_pts[0]) * time_base)
+                fact = FrameFacts(
                     frame_name(obj.key, index),
                     obj.key,
                     obj.size,
@@ -101,19 +144,17 @@ def check_one_video(
                     frame.width,
                     frame.height,
                     frame.format.name,
-                    picture(frame),
-                    small,
+                    picture_crc(picture(frame)),
                 )
-            )
-            seen.buffer.append(small)
-            if len(seen.buffer) >= chunk:
-                flush()
+                parts.add(fact, frame)
 
-        decoded, reason = check_video(stream, info.declared_frames, on_frame)
-    flush()
+            decoded, reason = check_video(stream, info.declared_frames, on_frame)
+        parts.flush()
+    finally:
+        parts.close()
     if reason is None and decoded != info.frame_count:
         reason = f"frame count mismatch: {info.frame_count} counted, {decoded} decode"
-    return seen, info, decoded, reason
+    return parts.seen, info, decoded, reason
 
 
 def _video_summary(info: VideoInfo | None, decoded: int, reason: str | None) -> dict[str, Any]:
