@@ -15,7 +15,7 @@ import os
 import platform
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -25,18 +25,35 @@ from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.caching import CACHE_PREFIX, PIPELINE_VERSION, OutputResults
-from tasks.check import CheckedShard, check_shard
+from tasks.caching import CACHE_PREFIX, PIPELINE_VERSION, OutputResults, artifact_key
+from tasks.check import CheckedShard, check_shard, npy_bytes
 from tasks.config import CurateConfig
+from tasks.datapool import (
+    Datapool,
+    DatapoolLock,
+    commit,
+    load_datapool,
+    merge,
+    prior_for,
+    run_outcome,
+)
 from tasks.dedup import dedup
+from tasks.describe import to_parquet_bytes
 from tasks.device import default_input_size, pick_device
-from tasks.discover import Discovery, Shard, discover_shards, is_sample_source, load_patterns
-from tasks.embed import EmbeddedShard, check_model_name, embed_shard, resolve_weights
+from tasks.discover import (
+    Discovery,
+    Shard,
+    discover_shards,
+    is_sample_source,
+    load_patterns,
+    read_manifest,
+)
+from tasks.embed import EmbeddedShard, Weights, check_model_name, embed_shard, resolve_weights
 from tasks.errors import CurateError
-from tasks.export import RunSummary, StepStats, export
+from tasks.export import RunSummary, StepStats, export, publish, selected_vectors
 from tasks.frames import check_video_shard
 from tasks.select import select_samples
-from tasks.storage import LocalStorage, Storage, open_storage
+from tasks.storage import LocalStorage, ObjectInfo, Storage, open_storage
 
 
 def new_run_id() -> str:
@@ -69,7 +86,9 @@ def _result_storage(output: Storage) -> Path | OutputResults:
     return block
 
 
-def listing(config: CurateConfig, found: Discovery) -> Iterator[Shard]:
+def listing(
+    config: CurateConfig, found: Discovery, is_known: Callable[[ObjectInfo], bool] | None
+) -> Iterator[Shard]:
     """The discover step. It runs in the flow itself, not as a task, so that each shard
     is submitted the moment its manifest is written and a bucket of millions of keys is
     being worked on while it is still being listed; the storage layer retries transient
@@ -78,7 +97,7 @@ def listing(config: CurateConfig, found: Discovery) -> Iterator[Shard]:
     patterns = None
     if config.datasource.relevant_filenames_file:
         patterns = load_patterns(config.datasource.relevant_filenames_file, source, output)
-    return discover_shards(source, output, config.shard_size, patterns, found)
+    return discover_shards(source, output, config.shard_size, patterns, found, is_known)
 
 
 # Environment variables a credentials secret may set: the cloud clients' own.
@@ -140,13 +159,55 @@ def _collect(futures: list[PrefectFuture[Any]], stats: StepStats) -> list[Any]:
     return results
 
 
+def model_identity(model: str, weights: Weights, input_size: int) -> dict[str, Any]:
+    """What makes embeddings comparable: the same model, weights and input size."""
+    return {
+        "model": model,
+        "weights": weights.source,
+        "weights_identity": weights.identity,
+        "input_size": input_size,
+    }
+
+
+def check_model(pool: Datapool, identity: dict[str, Any], output: Storage) -> None:
+    """Embeddings of another model cannot be compared with the datapool's: refuse, and
+    say how to go on (re-embedding them would mean re-reading every selected sample)."""
+    if pool.model is not None and len(pool.selected) and pool.model != identity:
+        raise CurateError(
+            f"datapool {output.join('datapool')}: its {len(pool.selected)} selected "
+            f"samples were embedded with {pool.model}, this run uses {identity}; run with "
+            "datasource.process_all=true to rebuild it with this model, or use another output"
+        )
+
+
+def write_artifact(output: Storage, step: str, data: bytes, suffix: str) -> str:
+    """Store `data` under a key named by its content (so cache keys that name the key
+    change exactly when the content does)."""
+    key = artifact_key(step, hashlib.sha256(data).hexdigest()[:32], suffix)
+    if not output.exists(key):
+        output.write(key, data)
+    return key
+
+
 @flow(name="curate", task_runner=ThreadPoolTaskRunner(max_workers=4))  # type: ignore[arg-type]
 def curate(config: CurateConfig) -> str:
-    """Curate `config.input` into `config.output`; returns the run directory's URL."""
-    logger = get_run_logger()
-    started = time.perf_counter()
+    """Curate `config.input` into `config.output`; returns the run directory's URL.
+
+    Only objects the datapool does not hold with the same identity are processed, and
+    selection counts what the datapool selected before. The run holds the datapool's
+    lock throughout and commits the datapool last, in one atomic step."""
     apply_credentials(config.storage.credentials_secret)
     output = open_storage(config.output)
+    run_id = new_run_id()
+    with DatapoolLock(
+        output, f"curate run {run_id}", stale_after=config.datapool.lock_stale_after_seconds
+    ):
+        return _curate(config, output, run_id)
+
+
+def _curate(config: CurateConfig, output: Storage, run_id: str) -> str:
+    logger = get_run_logger()
+    started = time.perf_counter()
     results = _result_storage(output)
     device = pick_device(config.embedding.device)
     input_size = config.embedding.input_size or default_input_size(device)
@@ -158,6 +219,18 @@ def curate(config: CurateConfig) -> str:
         device,
         input_size,
         weights.describe(),
+    )
+    identity = model_identity(emb.model, weights, input_size)
+    pool = load_datapool(output)
+    process_all = config.datasource.process_all
+    if not process_all:
+        check_model(pool, identity, output)
+    logger.info(
+        "datapool: %s (%d objects, %d selected samples)%s",
+        pool.version or "none yet",
+        pool.size,
+        len(pool.selected),
+        "; ignored: process_all" if process_all else "",
     )
     workers = num_workers(config.num_workers)
     steps = {name: StepStats() for name in ("discover", "check", "dedup", "embed", "select")}
@@ -172,7 +245,7 @@ def curate(config: CurateConfig) -> str:
     # them, so there each shard's check waits for the previous shard's embedding.
     overlap = device.type == "cuda"
     found = Discovery()
-    for shard in listing(config, found):
+    for shard in listing(config, found, None if process_all else pool.is_known):
         wait_for = [] if overlap or not embed_futures else [embed_futures[-1]]
         if shard.kind == "video":
             checked = check_videos.submit(  # type: ignore[call-overload]
@@ -223,31 +296,46 @@ def curate(config: CurateConfig) -> str:
         found.skipped,
     )
     checked_shards: list[CheckedShard] = _collect(check_futures, steps["check"])
+    # What this run selects against: the datapool's picks, less the objects it redoes.
+    prior_key = prior_hashes_key = None
+    if not process_all:
+        prior, prior_hashes = prior_for(pool, found.keys)
+        if len(prior):
+            prior_key = write_artifact(output, "prior", npy_bytes(prior), ".npy")
+        if len(prior_hashes):
+            hashes = to_parquet_bytes(prior_hashes)
+            prior_hashes_key = write_artifact(output, "prior", hashes, ".parquet")
 
     duplicates_key = None
-    if config.remove_exact_duplicates:
+    if config.remove_exact_duplicates and checked_shards:
         t = time.perf_counter()
         dedup_future = dedup.with_options(result_storage=results).submit(
-            checked_shards, config.output, include_frames=not config.selected_sequence_length
+            checked_shards,
+            config.output,
+            include_frames=not config.selected_sequence_length,
+            prior_key=prior_hashes_key,
         )
         duplicates_key = dedup_future.result()
         _count_single(steps["dedup"], dedup_future, time.perf_counter() - t)
     embedded: list[EmbeddedShard] = _collect(embed_futures, steps["embed"])
 
-    t = time.perf_counter()
-    select_future = select_samples.with_options(result_storage=results).submit(
-        checked_shards,
-        embedded,
-        duplicates_key,
-        config.output,
-        config.selection.strategy,
-        config.stopping_condition,
-        config.seed,
-        str(device),
-        config.selected_sequence_length,
-    )
-    picked = json.loads(output.read(select_future.result()))
-    _count_single(steps["select"], select_future, time.perf_counter() - t)
+    picked: dict[str, Any] = {"selected": [], "sequences": []}
+    if checked_shards:
+        t = time.perf_counter()
+        select_future = select_samples.with_options(result_storage=results).submit(
+            checked_shards,
+            embedded,
+            duplicates_key,
+            config.output,
+            config.selection.strategy,
+            config.stopping_condition,
+            config.seed,
+            str(device),
+            config.selected_sequence_length,
+            prior_key,
+        )
+        picked = json.loads(output.read(select_future.result()))
+        _count_single(steps["select"], select_future, time.perf_counter() - t)
     for name, stats in steps.items():
         logger.info(
             "step %s: %d/%d shards from cache, %.2f s, %d bytes read",
@@ -260,9 +348,10 @@ def curate(config: CurateConfig) -> str:
 
     duplicates = json.loads(output.read(duplicates_key)) if duplicates_key else {}
     summary = RunSummary(
-        run_id=new_run_id(),
+        run_id=run_id,
         config=config.model_dump(mode="json"),
-        discovered=found.discovered,
+        discovered=found.discovered + found.known,
+        processed=found.discovered,
         skipped=found.skipped,
         dataset_bytes=found.total_bytes,
         steps=steps,
@@ -275,8 +364,38 @@ def curate(config: CurateConfig) -> str:
         versions=package_versions(),
     )
     source = open_storage(config.input)
-    run_dir = export(output, source, summary, checked_shards, embedded, duplicates, picked, started)
-    logger.info("run written to %s", run_dir)
+    exported = export(
+        output, source, summary, checked_shards, embedded, duplicates, picked, started
+    )
+
+    # The datapool, last: this run's outcome merged in, published by one atomic write.
+    t = time.perf_counter()
+    version = pool.version
+    datapool_size = pool.size
+    if found.shards or process_all:
+        outcome = run_outcome(
+            [obj for shard in found.shards for obj in read_manifest(output, shard.manifest)],
+            exported.metadata,
+            exported.corrupt,
+            duplicates,
+            picked["selected"],
+            selected_vectors(output, checked_shards, embedded, picked["selected"]),
+            run_id,
+        )
+        base = Datapool.empty() if process_all else pool
+        merged = merge(base, outcome.objects, outcome.selected, outcome.embeddings, identity)
+        version = commit(output, pool, merged, run_id, config.datapool.keep_history)
+        datapool_size = merged.size
+    exported.report["counts"]["datapool_size"] = datapool_size
+    exported.report["counts"]["already_in_datapool"] = found.known
+    exported.report["datapool"] = {
+        "version": version,
+        "previous": pool.version,
+        "process_all": process_all,
+        "seconds": round(time.perf_counter() - t, 3),
+    }
+    run_dir = publish(output, exported)
+    logger.info("run written to %s; datapool %s holds %d objects", run_dir, version, datapool_size)
     return run_dir
 
 

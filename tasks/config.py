@@ -21,6 +21,11 @@ class _Section(BaseModel):
 
 
 class Datasource(_Section):
+    process_all: bool = Field(
+        False,
+        description="Ignore the datapool: process every object again and select as if "
+        "nothing had been selected before; the run's result replaces the datapool.",
+    )
     relevant_filenames_file: str | None = Field(
         None,
         description="A file of names and `dir/*` patterns restricting the input; lines "
@@ -32,6 +37,18 @@ class Datasource(_Section):
         description="Count a video's frames from its container's metadata when that count "
         "can be trusted (MP4/MOV, AVI; faster on buckets: only the header is read); "
         "otherwise, and by default, by demuxing every packet (no decode).",
+    )
+
+
+class DatapoolSettings(_Section):
+    keep_history: int = Field(
+        5, ge=1, description="Datapool versions kept (the current one included)."
+    )
+    lock_stale_after_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="A datapool lock whose heartbeat is older than this is taken over "
+        "(its run died); a live run refreshes it every quarter of this.",
     )
 
 
@@ -118,6 +135,7 @@ class CurateConfig(_Section):
     input: str = Field(description="Folder, file://, s3://, gs:// or az:// URL.")
     output: str = Field(description="Where runs, reports and the datapool go.")
     datasource: Datasource = Datasource()
+    datapool: DatapoolSettings = DatapoolSettings()
     storage: StorageSettings = StorageSettings()
     enable_corruptness_check: bool = Field(
         True,
@@ -146,6 +164,18 @@ class CurateConfig(_Section):
     )
     num_workers: int = Field(-1, ge=-1, description="Decode threads; -1: one per vCPU.")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _no_template(self) -> CurateConfig:
+        for key in ("input", "output"):
+            value = getattr(self, key)
+            if "{{" in value:
+                raise ValueError(
+                    f"{key} is the unresolved template {value!r}: set the environment "
+                    "variable it names when running `prefect deploy`, or pass the "
+                    "config parameter"
+                )
+        return self
 
     @model_validator(mode="after")
     def _has_budget(self) -> CurateConfig:

@@ -394,3 +394,81 @@ class DatapoolLock:
                 self.storage.delete(LOCK)
         except (CurateError, OSError) as exc:
             log.warning("datapool %s: the lock stays until it is stale (%s)", self.where, exc)
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """One run's contribution to the datapool, ready for `merge`."""
+
+    objects: pd.DataFrame  # OBJECTS_SCHEMA rows of the objects this run processed
+    selected: pd.DataFrame  # SELECTED_SCHEMA rows of this run's picks
+    embeddings: np.ndarray  # rows aligned with `selected`
+
+
+def run_outcome(
+    identities: list[ObjectInfo],
+    metadata: pd.DataFrame,
+    corrupt: dict[str, str],
+    duplicates: dict[str, str],
+    selected: list[str],
+    vectors: dict[str, np.ndarray],
+    run_id: str,
+) -> RunOutcome:
+    """What a run decided about each object it processed: corrupt (with its reason), a
+    duplicate (of which), selected (any of its samples: a video's frames) or not.
+    `metadata` holds the run's samples (`filename`, `video`, hashes); `vectors` the
+    embeddings of the selected samples by name."""
+    objects_of = metadata["video"].fillna(metadata["filename"])  # a frame's is its video
+    key_of = dict(zip(metadata["filename"], objects_of, strict=True))
+    chosen = {key_of[name] for name in selected}
+    images = metadata[metadata["video"].isna()].set_index("filename")
+    rows = []
+    for obj in identities:
+        status = "not_selected"
+        if obj.key in corrupt:
+            status = "corrupt"
+        elif obj.key in chosen:
+            status = "selected"
+        elif obj.key in duplicates:
+            status = "duplicate"
+        image = images.loc[obj.key] if obj.key in images.index else None
+        rows.append(
+            {
+                "key": obj.key,
+                "size": obj.size,
+                "version": obj.version,
+                "status": status,
+                "reason": corrupt.get(obj.key),
+                "duplicate_of": duplicates.get(obj.key),
+                "content_hash": None if image is None else image["content_hash"],
+                "pixel_hash": None if image is None else image["pixel_hash"],
+                "run_id": run_id,
+            }
+        )
+    objects = OBJECTS_SCHEMA.validate(pd.DataFrame(rows, columns=list(OBJECTS_SCHEMA.columns)))
+    picks = pd.DataFrame(
+        {"name": selected, "key": [key_of[name] for name in selected], "run_id": run_id},
+        columns=list(SELECTED_SCHEMA.columns),
+    )
+    dim = next((len(v) for v in vectors.values()), 0)
+    matrix = np.stack([vectors[n] for n in selected]) if selected else np.zeros((0, dim))
+    return RunOutcome(objects, SELECTED_SCHEMA.validate(picks), matrix.astype(np.float32))
+
+
+def prior_for(pool: Datapool, replaced: set[str]) -> tuple[np.ndarray, pd.DataFrame]:
+    """What a run selects against: the datapool's selected embeddings and the hashes of
+    its selected images, less those of objects this run processes again."""
+    kept = ~pool.selected["key"].isin(replaced).to_numpy()
+    images = pool.objects[
+        (pool.objects["status"] == "selected")
+        & pool.objects["content_hash"].notna()
+        & ~pool.objects["key"].isin(replaced)
+    ]
+    hashes = pd.DataFrame(
+        {
+            "filename": images["key"],
+            "content_hash": images["content_hash"],
+            "pixel_hash": images["pixel_hash"],
+        }
+    ).reset_index(drop=True)
+    return pool.embeddings[kept], hashes

@@ -17,10 +17,15 @@ from tasks.describe import read_parquet_bytes
 from tasks.storage import Storage, open_storage
 
 
-def find_duplicates(metadata: pd.DataFrame) -> dict[str, str]:
-    """Map each duplicate's name to the name of the copy that is kept."""
+def find_duplicates(metadata: pd.DataFrame, prior: pd.DataFrame | None = None) -> dict[str, str]:
+    """Map each duplicate's name to the name of the copy that is kept. `prior` (filename
+    and hashes of samples selected by earlier runs) come first, so a copy of one of them
+    is a duplicate of it; they are never duplicates themselves."""
     duplicates: dict[str, str] = {}
     ordered = metadata.sort_values("filename", kind="stable")
+    if prior is not None and len(prior):
+        earlier = prior.sort_values("filename", kind="stable")
+        ordered = pd.concat([earlier, ordered[earlier.columns]], ignore_index=True)
     for column in ("content_hash", "pixel_hash"):
         remaining = ordered[~ordered["filename"].isin(duplicates.keys())]
         kept = remaining.drop_duplicates(column, keep="first").set_index(column)["filename"]
@@ -33,6 +38,9 @@ def find_duplicates(metadata: pd.DataFrame) -> dict[str, str]:
         while original in duplicates:
             original = duplicates[original]
         duplicates[name] = original
+    if prior is not None:
+        for name in prior["filename"]:
+            duplicates.pop(name, None)
     return duplicates
 
 
@@ -42,8 +50,14 @@ def load_metadata(storage: Storage, shards: list[CheckedShard]) -> pd.DataFrame:
 
 
 @cached_step("dedup")
-def dedup(shards: list[CheckedShard], output_url: str, include_frames: bool = True) -> str:
-    """Find exact duplicates across all shards; returns the key of a JSON map
+def dedup(
+    shards: list[CheckedShard],
+    output_url: str,
+    include_frames: bool = True,
+    prior_key: str | None = None,
+) -> str:
+    """Find exact duplicates across all shards, and of the datapool's selected images
+    (`prior_key`: their names and hashes, Parquet); returns the key of a JSON map
     {duplicate: kept}. Without `include_frames` video frames are never duplicates (a
     selected sequence keeps every frame, repeated ones too)."""
     key = step_key("dedup", dict(locals()))
@@ -51,7 +65,8 @@ def dedup(shards: list[CheckedShard], output_url: str, include_frames: bool = Tr
     metadata = load_metadata(output, shards)
     if not include_frames and len(metadata):
         metadata = metadata[metadata["video"].isna()]
-    duplicates = find_duplicates(metadata)
+    prior = read_parquet_bytes(output.read(prior_key)) if prior_key else None
+    duplicates = find_duplicates(metadata, prior)
     result_key = artifact_key("dedup", key, ".json")
     output.write(result_key, json.dumps(duplicates, sort_keys=True, indent=0).encode())
     return result_key

@@ -15,7 +15,7 @@ import hashlib
 import json
 import posixpath
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from tasks.caching import artifact_key, content_key
@@ -130,6 +130,8 @@ class Discovery:
     discovered: int = 0  # images and videos found (after relevant-filename filtering)
     videos: int = 0
     skipped: int = 0  # objects that are neither or not relevant
+    known: int = 0  # relevant objects the datapool holds unchanged: not processed again
+    keys: set[str] = field(default_factory=set)  # of the objects in the shards
     total_bytes: int = 0
     retries: int = 0
     seconds: float = 0.0  # spent listing and writing manifests, not waiting on the consumer
@@ -141,9 +143,11 @@ def discover_shards(
     shard_size: int,
     patterns: list[tuple[bool, str]] | None,
     found: Discovery,
+    is_known: Callable[[ObjectInfo], bool] | None = None,
 ) -> Iterator[Shard]:
     """List the input lazily and yield each shard as soon as its manifest is written, so
-    work on the first shards starts while a large bucket is still being listed."""
+    work on the first shards starts while a large bucket is still being listed. Objects
+    `is_known` says were processed before (the datapool, same identity) are left out."""
 
     videos: list[ObjectInfo] = []
 
@@ -151,14 +155,18 @@ def discover_shards(
         """Relevant images, in listing order; relevant videos are put aside in `videos`
         as they pass, so each becomes a shard right after the image shard it is in."""
         for obj in input_storage.list():
-            if patterns is not None and not is_relevant(obj.key, patterns):
+            if (
+                patterns is not None
+                and not is_relevant(obj.key, patterns)
+                or not is_sample_source(obj.key)
+            ):
                 found.skipped += 1
+            elif is_known is not None and is_known(obj):
+                found.known += 1
             elif is_image(obj.key):
                 yield obj
-            elif is_video(obj.key):
-                videos.append(obj)
             else:
-                found.skipped += 1
+                videos.append(obj)
 
     def groups() -> Iterator[tuple[str, list[ObjectInfo]]]:
         for objects in cut_shards(images(), shard_size):
@@ -179,6 +187,7 @@ def discover_shards(
         shard = Shard(index, identity, manifest, len(objects), total, kind)
         found.shards.append(shard)
         found.discovered += shard.count
+        found.keys.update(o.key for o in objects)
         found.videos += shard.count if kind == "video" else 0
         found.total_bytes += shard.total_bytes
         found.retries = input_storage.retries + output_storage.retries
@@ -187,7 +196,7 @@ def discover_shards(
         started = time.perf_counter()
     found.seconds += time.perf_counter() - started
     found.retries = input_storage.retries + output_storage.retries
-    if found.discovered == 0:
+    if found.discovered == 0 and found.known == 0:
         raise CurateError(
             f"input {input_storage.url}: no images or videos found "
             f"({', '.join(sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))})"

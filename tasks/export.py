@@ -19,7 +19,12 @@ import pandas as pd
 import pandera.pandas as pa
 
 from tasks.check import CheckedShard, read_npy
-from tasks.describe import METADATA_SCHEMA, read_parquet_bytes, to_parquet_bytes
+from tasks.describe import (
+    METADATA_SCHEMA,
+    metadata_frame,
+    read_parquet_bytes,
+    to_parquet_bytes,
+)
 from tasks.embed import EmbeddedShard
 from tasks.frames import export_frames
 from tasks.storage import Storage
@@ -43,11 +48,22 @@ class StepStats:
     cached_shards: int = 0
 
 
+@dataclass(frozen=True)
+class Exported:
+    """A written run directory and what the datapool and the report still need."""
+
+    run: str  # key of the run directory
+    metadata: pd.DataFrame  # the run's samples
+    corrupt: dict[str, str]  # corrupt images and videos, with reasons
+    report: dict[str, Any]  # report.json's content, written by `publish`
+
+
 @dataclass
 class RunSummary:
     run_id: str
     config: dict[str, Any]
-    discovered: int
+    discovered: int  # relevant objects listed
+    processed: int  # of them, new or changed since the datapool
     skipped: int
     dataset_bytes: int
     steps: dict[str, StepStats]
@@ -100,9 +116,9 @@ def export(
     duplicates: dict[str, str],
     picked: dict[str, Any],
     run_started: float,
-) -> str:
-    """Write the run directory and point LATEST at it; returns the run directory's URL.
-    `picked` is the select step's result: `selected` names and `sequences`."""
+) -> Exported:
+    """Write the run directory, all but its report (see `publish`). `picked` is the
+    select step's result: `selected` names and `sequences`."""
     export_started = time.perf_counter()
     run = f"runs/{summary.run_id}"
     selected: list[str] = picked["selected"]
@@ -115,9 +131,8 @@ def export(
         if check.videos is not None:
             videos.update(json.loads(output.read(check.videos)))
 
-    metadata = pd.concat(
-        [read_parquet_bytes(output.read(c.metadata)) for c in checked], ignore_index=True
-    )
+    frames = [read_parquet_bytes(output.read(c.metadata)) for c in checked]
+    metadata = pd.concat(frames, ignore_index=True) if frames else metadata_frame([])
     metadata["duplicate_of"] = metadata["filename"].map(duplicates)
     metadata["selected"] = metadata["filename"].isin(set(selected))
     output.write(
@@ -162,9 +177,32 @@ def export(
         "frames": int(metadata["video"].notna().sum()),
         "selected_sequences": len(picked["sequences"]),
     }
-    output.write_text(f"{run}/report.json", json.dumps(document, indent=2))
-    output.write_text("LATEST", summary.run_id + "\n")
-    return output.join(run)
+    return Exported(run, metadata, corrupt | corrupt_videos, document)
+
+
+def publish(output: Storage, exported: Exported) -> str:
+    """Write the report and point LATEST at the run (after the datapool commit, so that
+    LATEST always names a run whose datapool version is published); returns its URL."""
+    output.write_text(f"{exported.run}/report.json", json.dumps(exported.report, indent=2))
+    output.write_text("LATEST", exported.report["run_id"] + "\n")
+    return output.join(exported.run)
+
+
+def selected_vectors(
+    storage: Storage,
+    checked: list[CheckedShard],
+    embedded: list[EmbeddedShard],
+    names: list[str],
+) -> dict[str, np.ndarray]:
+    """The embeddings of the named samples, one shard in memory at a time."""
+    wanted, vectors = set(names), {}
+    for check, embed in zip(checked, embedded, strict=True):
+        shard_names = read_parquet_bytes(storage.read(check.metadata))["filename"].tolist()
+        rows = [i for i, name in enumerate(shard_names) if name in wanted]
+        if rows:
+            matrix = read_npy(storage, embed.embeddings)
+            vectors.update({shard_names[i]: matrix[i] for i in rows})
+    return vectors
 
 
 def report(
@@ -180,7 +218,7 @@ def report(
         "run_id": summary.run_id,
         "counts": {
             "discovered": summary.discovered,
-            "processed": summary.discovered,
+            "processed": summary.processed,
             "skipped_not_images": summary.skipped,
             "valid": len(metadata),
             "corrupt": len(corrupt),

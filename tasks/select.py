@@ -188,6 +188,7 @@ def select_sequences(
     stopping: StoppingCondition,
     seed: int,
     device: torch.device,
+    prior: np.ndarray | None = None,
 ) -> tuple[list[str], list[dict[str, object]]]:
     """Select whole sequences by their mean frame embedding; (frame names, sequences)."""
     runs = sequences(candidates, length)
@@ -195,7 +196,7 @@ def select_sequences(
         return [], []
     means = np.stack([candidates.embeddings[run].mean(axis=0) for run in runs])
     means /= np.linalg.norm(means, axis=1, keepdims=True).clip(min=1e-12)
-    picks = select(means, strategy, stopping, seed, device)
+    picks = select(means, strategy, stopping, seed, device, prior)
     names = [candidates.names[i] for pick in picks for i in runs[pick]]
     return names, [sequence_information(candidates, runs[pick]) for pick in picks]
 
@@ -211,21 +212,26 @@ def select_samples(
     seed: int,
     device: str,
     sequence_length: int | None = None,
+    prior_key: str | None = None,
 ) -> str:
     """Pick samples among the embedded, non-duplicate ones (or, with `sequence_length`,
     sequences of video frames); returns the key of a JSON object: `selected`, names in
-    pick order, and `sequences`, what each picked sequence holds."""
+    pick order, and `sequences`, what each picked sequence holds. `prior_key` (.npy) holds
+    the embeddings selected by earlier runs: new picks keep their distance from them."""
     key = step_key("select", dict(locals()))
     output = open_storage(output_url)
     duplicates = json.loads(output.read(duplicates_key)) if duplicates_key else {}
     candidates = load_candidates(output, checked, embedded, set(duplicates))
     on = pick_device(device)
+    prior = read_npy(output, prior_key) if prior_key else None
     picked: dict[str, object]
     if sequence_length:
-        names, runs = select_sequences(candidates, sequence_length, strategy, stopping, seed, on)
+        names, runs = select_sequences(
+            candidates, sequence_length, strategy, stopping, seed, on, prior
+        )
         picked = {"selected": names, "sequences": runs}
     else:
-        picks = select(candidates.embeddings, strategy, stopping, seed, on)
+        picks = select(candidates.embeddings, strategy, stopping, seed, on, prior)
         picked = {"selected": [candidates.names[i] for i in picks], "sequences": []}
     result_key = artifact_key("select", key, ".json")
     output.write(result_key, json.dumps(picked).encode())

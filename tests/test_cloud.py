@@ -103,10 +103,17 @@ def test_a_bucket_run_decides_exactly_what_the_local_run_does(
     assert cloud["reasons"] == local_outcome["reasons"]
     traffic = cloud["report"]["bytes_read"]
     assert abs(traffic["total"] / traffic["dataset"] - 1) <= 0.05  # one read per object
-    # Prefect's cache records live in the bucket too: a rerun takes everything from it.
-    run_curate(f"input={bucket}/raw", f"output={bucket}/curated", "stopping_condition.n_samples=30")
+    # The datapool lives in the bucket: a plain rerun finds nothing new to process.
+    args = (f"input={bucket}/raw", f"output={bucket}/curated", "stopping_condition.n_samples=30")
+    run_curate(*args)
+    rerun = _outcome(open_storage(f"{bucket}/curated"))["report"]
+    assert rerun["counts"]["processed"] == 0
+    assert rerun["counts"]["datapool_size"] == cloud["report"]["counts"]["discovered"]
+    # Prefect's cache records live in the bucket too: processing everything again takes
+    # every shard from them.
+    run_curate(*args, "datasource.process_all=true")
     steps = _outcome(open_storage(f"{bucket}/curated"))["report"]["steps"]
-    assert all(steps[s]["cached_shards"] == steps[s]["shards"] for s in ("check", "embed"))
+    assert all(steps[s]["cached_shards"] == steps[s]["shards"] > 0 for s in ("check", "embed"))
 
 
 def test_input_and_output_may_be_different_stores(s3_demo, local_outcome, run_curate, tmp_path):

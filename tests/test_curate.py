@@ -68,9 +68,11 @@ def test_run_directory_follows_the_output_contract(demo_folder, run_curate, tmp_
     assert abs((vectors**2).sum(axis=1) - 1).max() < 1e-4
 
 
-def test_a_rerun_hits_the_cache_for_every_step_and_takes_under_a_quarter_of_the_time(
+def test_a_process_all_rerun_hits_the_cache_for_every_step_in_under_a_quarter_of_the_time(
     digits_folder, run_curate, tmp_path
 ):
+    """process_all ignores the datapool (which would skip every object), not the cache:
+    processing unchanged objects again gives what the cache holds."""
     args = (
         f"input={digits_folder}",
         f"output={tmp_path}",
@@ -82,7 +84,7 @@ def test_a_rerun_hits_the_cache_for_every_step_and_takes_under_a_quarter_of_the_
     first = run_curate(*args)
     first_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    second = run_curate(*args)
+    second = run_curate(*args, "datasource.process_all=true")
     second_seconds = time.perf_counter() - started
     steps = second.report["steps"]
     for step in ("check", "dedup", "embed", "select"):
@@ -99,7 +101,7 @@ def test_changing_the_model_recomputes_embeddings_but_not_the_check(
     folder, _ = demo_folder
     base = (f"input={folder}", f"output={tmp_path}", "stopping_condition.n_samples=10")
     first = run_curate(*base)
-    second = run_curate(*base, "embedding.model=resnet10t")
+    second = run_curate(*base, "embedding.model=resnet10t", "datasource.process_all=true")
     steps = second.report["steps"]
     assert steps["check"]["cached_shards"] == steps["check"]["shards"]
     assert steps["embed"]["cached_shards"] == 0
@@ -139,10 +141,10 @@ def test_relevant_filenames_file_restricts_the_input(demo_folder, run_curate, tm
 def test_min_distance_alone_stops_the_selection(demo_folder, run_curate, tmp_path):
     folder, _ = demo_folder
     loose = run_curate(
-        f"input={folder}", f"output={tmp_path}", "stopping_condition.min_distance=0.05"
+        f"input={folder}", f"output={tmp_path / 'a'}", "stopping_condition.min_distance=0.05"
     )
     tight = run_curate(
-        f"input={folder}", f"output={tmp_path}", "stopping_condition.min_distance=0.3"
+        f"input={folder}", f"output={tmp_path / 'b'}", "stopping_condition.min_distance=0.3"
     )
     assert 0 < len(tight.names("selected")) < len(loose.names("selected"))
 

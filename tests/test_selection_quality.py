@@ -26,7 +26,10 @@ def test_default_selection_beats_the_mean_of_20_random_subsets(
 ):
     output = tmp_path_factory.getbasetemp() / "digits-output"  # shared: embeddings cached
     run = run_curate(
-        f"input={digits_folder}", f"output={output}", f"stopping_condition.n_samples={budget}"
+        f"input={digits_folder}",
+        f"output={output}",
+        f"stopping_condition.n_samples={budget}",
+        "datasource.process_all=true",  # each budget from scratch, not on the last's picks
     )
     table = pd.read_csv(run.path / "data/embeddings.csv")
     names = table["filenames"].tolist()
