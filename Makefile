@@ -41,6 +41,8 @@ type-check: install
 bench: install
 	$(PY) -m bench.bench_embed
 	$(PY) -m bench.bench_s3_read
+	$(PY) -m bench.bench_video
+	$(PY) -m bench.bench_incremental
 
 clean:
 	rm -rf demo-output demo-data .pytest_cache .mypy_cache .ruff_cache

@@ -139,3 +139,72 @@ def test_the_server_rejects_an_invalid_config_before_creating_a_run(server):
     )
     assert result.returncode != 0
     assert "n_samples" in result.stdout + result.stderr
+
+
+def _api(env: dict[str, str], method: str, path: str, body: object | None = None) -> object:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        env["PREFECT_API_URL"] + path,
+        data=data,
+        method=method,
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read() or b"null")
+
+
+@pytest.mark.slow
+def test_incremental_deployment_is_scheduled_and_its_runs_never_overlap(server, tmp_path):
+    from flows.demo import digit_images, encode
+
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    images, _ = digit_images()
+    for i in range(40):
+        (folder / f"d{i:03d}.png").write_bytes(encode(images[i], "PNG"))
+    env = server | {"CURATE_INPUT": str(folder), "CURATE_OUTPUT": str(out)}
+    _prefect(env, "work-pool", "create", "curate-local", "--type", "process")
+    _prefect(env, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+
+    deployment = _api(env, "GET", "/deployments/name/curate/incremental")
+    assert isinstance(deployment, dict)
+    crons = [s["schedule"].get("cron") for s in deployment["schedules"]]
+    assert crons == ["0 * * * *"] and all(s["active"] for s in deployment["schedules"])
+    assert deployment["parameters"]["config"]["input"] == str(folder)
+    full = _api(env, "GET", "/deployments/name/curate/full")
+    assert isinstance(full, dict) and not full["schedules"]
+    assert full["parameters"]["config"]["datasource"]["process_all"] is True
+
+    worker = subprocess.Popen(
+        [PREFECT, "worker", "start", "--pool", "curate-local"],
+        env=env | {"PREFECT_WORKER_QUERY_SECONDS": "2"},
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        # One trigger through the CLI, one through the API, back to back.
+        printed = _prefect(env, "deployment", "run", "curate/incremental")
+        from_cli = printed.split("UUID:")[1].split()[0]
+        from_api = _api(env, "POST", f"/deployments/{deployment['id']}/create_flow_run", {})
+        assert isinstance(from_api, dict)
+        runs: dict[str, dict] = {}
+        deadline = time.monotonic() + 500
+        while time.monotonic() < deadline:
+            runs = {
+                rid: _api(env, "GET", f"/flow_runs/{rid}") for rid in (from_cli, from_api["id"])
+            }  # type: ignore[misc]
+            if all(
+                run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED") for run in runs.values()
+            ):
+                break
+            time.sleep(2)
+    finally:
+        _stop(worker)
+    assert [run["state"]["type"] for run in runs.values()] == ["COMPLETED", "COMPLETED"]
+    first, second = sorted(runs.values(), key=lambda run: run["start_time"])
+    assert first["end_time"] <= second["start_time"], "the two runs overlapped"
+    reports = [
+        json.loads(path.read_text()) for path in sorted((out / "runs").glob("*/report.json"))
+    ]
+    assert [r["counts"]["processed"] for r in reports] == [40, 0]
