@@ -89,11 +89,19 @@ def _embedding_rows(
             yield f"filenames,{columns},labels\n".encode()
             header_written = True
         keep = [i for i, name in enumerate(names) if name not in duplicates]
-        numbers = io.StringIO()
-        np.savetxt(numbers, vectors[keep], fmt="%.7g", delimiter=",")  # C-speed formatting
-        rows = numbers.getvalue().splitlines()
-        lines = (f"{_csv_field(names[i])},{row},0\n" for i, row in zip(keep, rows, strict=True))
-        yield "".join(lines).encode()
+        # In blocks: a video's shard can hold 100,000 frames, ~5 KB of text each.
+        for start in range(0, len(keep), CSV_BLOCK):
+            block = keep[start : start + CSV_BLOCK]
+            numbers = io.StringIO()
+            np.savetxt(numbers, vectors[block], fmt="%.7g", delimiter=",")  # C-speed
+            rows = numbers.getvalue().splitlines()
+            lines = (
+                f"{_csv_field(names[i])},{row},0\n" for i, row in zip(block, rows, strict=True)
+            )
+            yield "".join(lines).encode()
+
+
+CSV_BLOCK = 1000  # rows formatted at a time
 
 
 def _csv_field(name: str) -> str:
