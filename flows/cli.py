@@ -40,9 +40,29 @@ def _run(args: list[str]) -> int:
     except CurateError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    print(_summary(config.output, run_dir))
     print(f"report: {run_dir}/report.json")
     print(f"run: {run_dir}")
     return 0
+
+
+def _summary(output_url: str, run_dir: str) -> str:
+    """One line on what the run did, from its report."""
+    import json
+
+    from tasks.storage import open_storage
+
+    run_id = run_dir.rstrip("/").rsplit("/", 1)[-1]
+    report = json.loads(open_storage(output_url).read_text(f"runs/{run_id}/report.json"))
+    counts = report["counts"]
+    videos = f" ({counts['videos']} videos, {counts['frames']} frames)" if counts["videos"] else ""
+    return (
+        f"processed {counts['processed']} objects{videos}, "
+        f"{counts['already_in_datapool']} already in the datapool: "
+        f"{counts['corrupt']} corrupt, {counts['duplicates']} duplicates, "
+        f"{counts['selected']} selected; datapool {report['datapool']['version']} "
+        f"holds {counts['datapool_size']} objects"
+    )
 
 
 class _UserErrorFilter(logging.Filter):

@@ -156,13 +156,36 @@ def make_demo_folder(folder: Path, seed: int = 0) -> dict[str, str]:
     return expected
 
 
+def make_demo_videos(folder: Path, frames: int = 48) -> None:
+    """Two short clips whose scene changes every 12 frames (H.264 MP4, VP9 WebM) and a
+    truncated copy of the first, which the run reports in `corrupt_videos`."""
+    import av
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    scenes = [photo_crops(1, seed=int(s), size=96)[0] for s in rng.integers(0, 10**6, 4)]
+    for name, codec, fmt in (("street.mp4", "libx264", "mp4"), ("park.webm", "libvpx-vp9", "webm")):
+        with av.open(str(folder / name), "w", format=fmt) as container:
+            stream = container.add_stream(codec, rate=12)
+            assert isinstance(stream, av.VideoStream)
+            stream.width, stream.height, stream.pix_fmt = 96, 96, "yuv420p"
+            for i in range(frames):
+                scene = np.asarray(scenes[(i // 12 + (fmt == "webm")) % len(scenes)])
+                picture = np.roll(scene, 2 * (i % 12), axis=1)  # a slow pan within a scene
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
+            container.mux(stream.encode())
+    data = (folder / "street.mp4").read_bytes()
+    (folder / "street-cut.mp4").write_bytes(data[: len(data) // 2])
+
+
 def main() -> int:
     from flows.cli import main as cli
 
     folder = Path("demo-data")
     if not folder.exists():
         make_demo_folder(folder)
-        print(f"made sample images in {folder}/")
+        make_demo_videos(folder / "videos")
+        print(f"made sample images and videos in {folder}/ (run again: nothing new to process)")
     return cli(["run", f"input={folder}", "output=demo-output", "stopping_condition.n_samples=40"])
 
 
