@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.exceptions import UnfinishedRun
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -34,6 +35,7 @@ from tasks.datapool import (
     commit,
     load_datapool,
     merge,
+    next_version,
     prior_for,
     run_outcome,
 )
@@ -50,7 +52,14 @@ from tasks.discover import (
 )
 from tasks.embed import EmbeddedShard, Weights, check_model_name, embed_shard, resolve_weights
 from tasks.errors import CurateError
-from tasks.export import RunSummary, StepStats, export, publish, selected_vectors
+from tasks.export import (
+    RunSummary,
+    StepStats,
+    export,
+    point_latest,
+    selected_vectors,
+    write_report,
+)
 from tasks.frames import check_video_shard
 from tasks.select import select_samples
 from tasks.storage import LocalStorage, ObjectInfo, Storage, open_storage
@@ -180,6 +189,21 @@ def check_model(pool: Datapool, identity: dict[str, Any], output: Storage) -> No
         )
 
 
+def repair_latest(output: Storage, pool: Datapool, logger: Any) -> None:
+    """Point LATEST at the run that committed the datapool's current version when that
+    run died after its commit, before writing LATEST (run ids sort by time)."""
+    if pool.run_id is None or not output.exists(f"runs/{pool.run_id}/report.json"):
+        return
+    latest = output.read_text("LATEST").strip() if output.exists("LATEST") else ""
+    if latest < pool.run_id:
+        logger.warning(
+            "LATEST named %s, but run %s committed the datapool: LATEST now names it",
+            latest or "nothing",
+            pool.run_id,
+        )
+        output.write_text("LATEST", pool.run_id + "\n")
+
+
 def write_artifact(output: Storage, step: str, data: bytes, suffix: str) -> str:
     """Store `data` under a key named by its content (so cache keys that name the key
     change exactly when the content does)."""
@@ -222,6 +246,7 @@ def _curate(config: CurateConfig, output: Storage, run_id: str) -> str:
     )
     identity = model_identity(emb.model, weights, input_size)
     pool = load_datapool(output)
+    repair_latest(output, pool, logger)
     process_all = config.datasource.process_all
     if not process_all:
         check_model(pool, identity, output)
@@ -295,7 +320,15 @@ def _curate(config: CurateConfig, output: Storage, run_id: str) -> str:
         len(found.shards),
         found.skipped,
     )
-    checked_shards: list[CheckedShard] = _collect(check_futures, steps["check"])
+    try:
+        checked_shards: list[CheckedShard] = _collect(check_futures, steps["check"])
+    except UnfinishedRun:
+        # On a CPU a check waits for the previous embedding: when that failed, the check
+        # never ran. Raise the embedding's own error, not "check not finished".
+        for future in embed_futures:
+            if future.state.is_failed() or future.state.is_crashed():
+                future.result()
+        raise
     # What this run selects against: the datapool's picks, less the objects it redoes.
     prior_key = prior_hashes_key = None
     if not process_all:
@@ -369,7 +402,6 @@ def _curate(config: CurateConfig, output: Storage, run_id: str) -> str:
     )
 
     # The datapool, last: this run's outcome merged in, published by one atomic write.
-    t = time.perf_counter()
     version = pool.version
     datapool_size = pool.size
     if found.shards or process_all:
@@ -384,7 +416,7 @@ def _curate(config: CurateConfig, output: Storage, run_id: str) -> str:
         )
         base = Datapool.empty() if process_all else pool
         merged = merge(base, outcome.objects, outcome.selected, outcome.embeddings, identity)
-        version = commit(output, pool, merged, run_id, config.datapool.keep_history)
+        version = next_version(output, pool)
         datapool_size = merged.size
     exported.report["counts"]["datapool_size"] = datapool_size
     exported.report["counts"]["already_in_datapool"] = found.known
@@ -392,9 +424,14 @@ def _curate(config: CurateConfig, output: Storage, run_id: str) -> str:
         "version": version,
         "previous": pool.version,
         "process_all": process_all,
-        "seconds": round(time.perf_counter() - t, 3),
     }
-    run_dir = publish(output, exported)
+    # The report first, then the commit, then LATEST: once the datapool holds this run's
+    # picks, its run directory is complete, and LATEST is repaired by the next run if the
+    # process dies before writing it (`repair_latest`).
+    write_report(output, exported)
+    if version != pool.version:
+        commit(output, pool, merged, run_id, config.datapool.keep_history, version)
+    run_dir = point_latest(output, exported)
     logger.info("run written to %s; datapool %s holds %d objects", run_dir, version, datapool_size)
     return run_dir
 

@@ -37,7 +37,9 @@ CACHE_PREFIX = "cache"
 
 # Fields of step results that measure a run rather than name content: an upstream shard
 # recomputed to the same artifacts must not invalidate what was built on it.
-MEASUREMENTS = frozenset({"seconds", "bytes_read", "retries"})
+# A shard's position in a run's listing is not content either: a new object listed
+# earlier must not invalidate every shard after it.
+MEASUREMENTS = frozenset({"seconds", "bytes_read", "retries", "index", "shard_index"})
 
 
 def _plain(value: Any) -> Any:
@@ -65,7 +67,7 @@ def artifact_key(step: str, key: str, suffix: str) -> str:
 
 
 # Parameters that change how fast a step runs, not what it computes.
-NOT_IDENTITY = frozenset({"num_workers", "batch_size"})
+NOT_IDENTITY = frozenset({"num_workers", "batch_size", "chunk"})
 
 
 def step_key(step: str, parameters: dict[str, Any]) -> str:

@@ -84,6 +84,7 @@ class Datapool:
     selected: pd.DataFrame  # SELECTED_SCHEMA
     embeddings: np.ndarray  # float32 (len(selected), dim); (0, 0) when there are none
     model: dict[str, Any] | None  # identity of the model that made the embeddings
+    run_id: str | None = None  # the run that committed this version
     _identities: dict[str, tuple[int, str]] | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -176,7 +177,9 @@ def load_datapool(storage: Storage) -> Datapool:
         ) from None
     if vectors.dtype != np.float32 or vectors.ndim != 2 or len(vectors) != len(selected):
         raise _untrusted(storage, f"{DIR}/{version}/embeddings.npy", "does not match selected")
-    return Datapool(version, objects, selected, vectors, manifest.get("model"))
+    return Datapool(
+        version, objects, selected, vectors, manifest.get("model"), manifest.get("run_id")
+    )
 
 
 def _current(storage: Storage) -> str | None:
@@ -210,18 +213,32 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def next_version(storage: Storage, previous: Datapool) -> str:
+    """The name the next commit after `previous` publishes (stable while the lock is
+    held): one past every version folder there is, published or left by a crash."""
+    existing = _version_folders(storage)
+    return f"v{max([_number(previous.version)] + [_number(v) for v in existing]) + 1:06d}"
+
+
 def commit(
-    storage: Storage, previous: Datapool, new: Datapool, run_id: str, keep_history: int
+    storage: Storage,
+    previous: Datapool,
+    new: Datapool,
+    run_id: str,
+    keep_history: int,
+    version: str | None = None,
 ) -> str:
-    """Publish `new` as the version after `previous`; returns its name. Files first, the
-    manifest last, then CURRENT: until that write, readers see `previous` whole."""
+    """Publish `new` as the version after `previous` (named `version`, by default
+    `next_version`); returns its name. Files first, the manifest last, then CURRENT: until
+    that write, readers see `previous` whole."""
     if keep_history < 1:
         raise ValueError("keep_history must keep at least the current version")
     if new.embeddings.ndim != 2 or len(new.embeddings) != len(new.selected):
         raise ValueError(f"{len(new.selected)} samples, embeddings {new.embeddings.shape}")
     existing = _version_folders(storage)
-    number = max([_number(previous.version)] + [_number(v) for v in existing]) + 1
-    version = f"v{number:06d}"
+    version = version or next_version(storage, previous)
+    if version in existing:
+        raise ValueError(f"datapool version {version} exists already")
     files = {
         "objects.parquet": to_parquet_bytes(OBJECTS_SCHEMA.validate(new.objects)),
         "selected.parquet": to_parquet_bytes(SELECTED_SCHEMA.validate(new.selected)),
@@ -425,10 +442,10 @@ def run_outcome(
     rows = []
     for obj in identities:
         status = "not_selected"
-        if obj.key in corrupt:
-            status = "corrupt"
-        elif obj.key in chosen:
+        if obj.key in chosen:  # a corrupt video's kept frames can be chosen too
             status = "selected"
+        elif obj.key in corrupt:
+            status = "corrupt"
         elif obj.key in duplicates:
             status = "duplicate"
         image = images.loc[obj.key] if obj.key in images.index else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -225,17 +226,22 @@ def frame_inputs(source: Storage, metadata: Any, input_size: int) -> Iterator[np
     """Decode the frames listed in `metadata` again, downscaled, in its row order."""
     part: list[np.ndarray] = []
     for video, rows in metadata.groupby("video", sort=False):
-        wanted = set(int(i) for i in rows["frame_index"])
-        last = max(wanted)
+        wanted = [int(i) for i in rows["frame_index"]]
+        # The sampled frames are multiples of every_nth_frame: only frames whose index is a
+        # multiple of their gcd are converted (the others are decoded and dropped).
+        step = math.gcd(*wanted)
         try:
             with source.open(str(video)) as stream:
-                for frame in decode_frames(stream, input_size, stop=last + 1):
-                    if frame.index in wanted:
-                        part.append(frame.rgb)
-                        if len(part) == FRAME_PART:
-                            yield np.stack(part)
-                            part = []
-        except (VideoError, FileNotFoundError) as exc:
+                frames = decode_frames(stream, input_size, every_nth=max(step, 1))
+                for index in wanted:
+                    # Stop at the last wanted frame: a kept corrupt video fails just after.
+                    frame = next(f for f in frames if f.index == index)
+                    part.append(frame.rgb)
+                    if len(part) == FRAME_PART:
+                        yield np.stack(part)
+                        part = []
+                frames.close()
+        except (VideoError, FileNotFoundError, StopIteration) as exc:
             where = source.join(str(video))
             raise CurateError(f"{where}: changed during the run ({exc})") from None
     if part:

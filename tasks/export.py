@@ -125,7 +125,7 @@ def export(
     picked: dict[str, Any],
     run_started: float,
 ) -> Exported:
-    """Write the run directory, all but its report (see `publish`). `picked` is the
+    """Write the run directory, all but its report (see `write_report`). `picked` is the
     select step's result: `selected` names and `sequences`."""
     export_started = time.perf_counter()
     run = f"runs/{summary.run_id}"
@@ -188,10 +188,13 @@ def export(
     return Exported(run, metadata, corrupt | corrupt_videos, document)
 
 
-def publish(output: Storage, exported: Exported) -> str:
-    """Write the report and point LATEST at the run (after the datapool commit, so that
-    LATEST always names a run whose datapool version is published); returns its URL."""
+def write_report(output: Storage, exported: Exported) -> None:
     output.write_text(f"{exported.run}/report.json", json.dumps(exported.report, indent=2))
+
+
+def point_latest(output: Storage, exported: Exported) -> str:
+    """Point LATEST at the run (after the datapool commit, so that LATEST always names a
+    run whose datapool version is published); returns the run directory's URL."""
     output.write_text("LATEST", exported.report["run_id"] + "\n")
     return output.join(exported.run)
 

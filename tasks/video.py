@@ -41,7 +41,7 @@ from __future__ import annotations
 import bisect
 import io
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import BinaryIO, Literal
@@ -444,7 +444,7 @@ def decode_frames(
     every_nth: int = 1,
     start: int = 0,
     stop: int | None = None,
-) -> Iterator[DecodedFrame]:
+) -> Generator[DecodedFrame, None, None]:
     """Frames `start <= index < stop` whose index is a multiple of `every_nth` (counted
     from the video's first frame, so subsampled names do not depend on `start`), as RGB,
     squashed to `size` x `size` when given. Lazy: decoding stops where the caller stops
@@ -640,5 +640,7 @@ def _sequential(source: BinaryIO, wanted: list[int]) -> Iterator[tuple[int, np.n
             if index == target:
                 yield index, frame.to_ndarray(format="rgb24")
                 target = next(remaining, None)
+                if target is None:
+                    return  # decoding on could hit a damaged frame after the last one wanted
     if target is not None:
         raise IndexError(f"frame {target} does not exist")

@@ -37,3 +37,13 @@ def test_pydantic_settings_are_hashed_by_value():
     assert content_key("s", stop=StoppingCondition(n_samples=5)) != content_key(
         "s", stop=StoppingCondition(n_samples=6)
     )
+
+
+def test_a_shards_position_in_the_listing_is_not_part_of_its_cache_key() -> None:
+    from tasks.discover import Shard
+
+    here = Shard(0, "abc", "cache/shards/abc.jsonl", 10, 1000, "video")
+    later = Shard(7, "abc", "cache/shards/abc.jsonl", 10, 1000, "video")
+    assert step_key("check_video", {"shard": here, "chunk": 2000}) == step_key(
+        "check_video", {"shard": later, "chunk": 500}
+    )

@@ -221,3 +221,19 @@ def test_sigkill_during_embedding_or_commit_loses_and_doubles_nothing(tmp_path) 
     assert set(pool.objects["key"]) == keys
     assert set(first["name"]) <= set(final["name"])
     assert len(final) == 10
+
+
+def test_latest_is_repaired_when_a_run_died_between_its_commit_and_latest(
+    tmp_path, run_curate
+) -> None:
+    import logging
+
+    from flows.curate import repair_latest
+
+    folder, out = tmp_path / "in", tmp_path / "out"
+    _write_digits(folder, range(10))
+    run = run_curate(f"input={folder}", f"output={out}", "stopping_condition.n_samples=2")
+    output = open_storage(str(out))
+    output.write_text("LATEST", "20000101T000000Z-dead00\n")  # as if LATEST lagged behind
+    repair_latest(output, load_datapool(output), logging.getLogger("test"))
+    assert output.read_text("LATEST").strip() == run.report["run_id"]

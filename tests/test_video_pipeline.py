@@ -221,3 +221,44 @@ def test_videos_from_the_s3_server_give_the_local_result(
             assert np.array_equal(
                 np.asarray(remote), np.asarray(Image.open(video_run / "selected" / name))
             )
+
+
+def test_frames_of_a_kept_damaged_video_are_decoded_again_up_to_the_damage(tmp_path) -> None:
+    """The embed step's fallback (its inputs gone) and the export's sequential path stop
+    at the last wanted frame: decoding on would hit the damaged one."""
+    from videos import damaged_middle, video_bytes
+
+    from tasks.embed import frame_inputs
+    from tasks.storage import open_storage
+    from tasks.video import _sequential, check_video, frame_name
+
+    data = damaged_middle(video_bytes(VALID["clips/street.mp4"]))
+    (tmp_path / "damaged.mp4").write_bytes(data)
+    decodable, reason = check_video(io.BytesIO(data), None)
+    assert reason is not None and 0 < decodable < 60
+    frames = plain_frames_until_damage(tmp_path / "damaged.mp4", decodable)
+    for every_nth in (1, 5):
+        indices = list(range(0, decodable, every_nth))
+        metadata = pd.DataFrame(
+            {
+                "filename": [frame_name("damaged.mp4", i) for i in indices],
+                "video": "damaged.mp4",
+                "frame_index": indices,
+            }
+        )
+        parts = list(frame_inputs(open_storage(str(tmp_path)), metadata, 32))
+        assert sum(len(p) for p in parts) == len(indices)
+    last = decodable - 1
+    with open(tmp_path / "damaged.mp4", "rb") as stream:
+        ((index, rgb),) = list(_sequential(stream, [last]))
+    assert index == last and np.array_equal(rgb, frames[last])
+
+
+def plain_frames_until_damage(path: Path, count: int) -> list[np.ndarray]:
+    frames = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            frames.append(frame.to_ndarray(format="rgb24"))
+            if len(frames) == count:
+                break
+    return frames
