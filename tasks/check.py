@@ -252,5 +252,14 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def npy_chunks(array: np.ndarray) -> list[bytes | memoryview]:
+    """An array as .npy file content without copying its data: the header, then the
+    array's own buffer (for `Storage.write_stream`)."""
+    array = np.ascontiguousarray(array)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
+    return [header.getvalue(), array.data.cast("B")]
+
+
 def read_npy(storage: Storage, key: str) -> np.ndarray:
     return np.load(io.BytesIO(storage.read(key)), allow_pickle=False)

@@ -208,7 +208,7 @@ class S3Storage(_BucketStorage):
     def write(self, key: str, data: bytes) -> None:
         self._call("put_object", key, Key=self._full(key), Body=data)
 
-    def write_stream(self, key: str, chunks: Iterable[bytes]) -> None:
+    def write_stream(self, key: str, chunks: Iterable[bytes | memoryview]) -> None:
         """Multipart upload in 16 MiB parts: S3 publishes the object only on completion."""
         buffer, upload_id = bytearray(), None
         parts: list[dict[str, Any]] = []

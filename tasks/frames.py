@@ -24,7 +24,7 @@ from av.video.frame import VideoFrame
 from PIL import Image
 
 from tasks.caching import artifact_key, cached_step, step_key
-from tasks.check import CheckedShard, npy_bytes
+from tasks.check import CheckedShard, npy_chunks
 from tasks.describe import (
     FRAMES_PER_PASS,
     FrameFacts,
@@ -95,7 +95,7 @@ class _Parts:
         for future in self.measuring:
             self.seen.rows.extend(future.result())
         key = f"{self.prefix}-{len(self.seen.parts):05d}.npy"
-        self.output.write(key, npy_bytes(self.inputs[: len(self.facts)]))
+        self.output.write_stream(key, npy_chunks(self.inputs[: len(self.facts)]))
         self.seen.parts.append(key)
         self.facts, self.measuring, self.described = [], [], 0
         self.inputs = self._new_part()  # the helper may still hold views of the old one
@@ -122,7 +122,7 @@ def check_one_video(
             info = probe(stream, use_metadata)
             if isinstance(info, str):
                 return parts.seen, None, 0, info
-            time_base = info.time_base_fraction
+            seconds_per_tick = float(info.time_base_fraction)
 
             def on_frame(index: int, frame: VideoFrame) -> None:
                 pts = frame.pts
@@ -132,7 +132,7 @@ def check_one_video(
                     return
                 seconds = None
                 if pts is not None and first_pts:
-                    seconds = float((pts - first_pts[0]) * time_base)
+                    seconds = (pts - first_pts[0]) * seconds_per_tick
                 fact = FrameFacts(
                     frame_name(obj.key, index),
                     obj.key,

@@ -131,7 +131,7 @@ class Storage(ABC):
     def write(self, key: str, data: bytes) -> None:
         """Create or atomically replace the object."""
 
-    def write_stream(self, key: str, chunks: Iterable[bytes]) -> None:
+    def write_stream(self, key: str, chunks: Iterable[bytes | memoryview]) -> None:
         """Create or atomically replace the object from chunks (backends that can,
         stream them instead of joining)."""
         self.write(key, b"".join(chunks))
@@ -342,7 +342,7 @@ class LocalStorage(Storage):
     def write(self, key: str, data: bytes) -> None:
         self.write_stream(key, [data])
 
-    def write_stream(self, key: str, chunks: Iterable[bytes]) -> None:
+    def write_stream(self, key: str, chunks: Iterable[bytes | memoryview]) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
