@@ -1,4 +1,10 @@
-"""The curate pipeline: discover -> check (+describe) -> dedup -> embed -> select -> export.
+"""The curate pipeline: discover -> check (+describe) -> dedup -> embed -> select -> export
+-> datapool commit.
+
+Discover lists the input and leaves out what the output's datapool already holds with the
+same identity, so a scheduled run processes only new and changed objects; dedup and select
+measure the new samples against the datapool's selection. Images come in shards of
+thousands; a video is a shard of its own, its frames the samples.
 
 Shards flow through check and embed as a stream: each shard's model inputs are embedded
 (and deleted) soon after its check, so the disk holds those of the shards in flight
