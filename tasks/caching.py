@@ -30,7 +30,7 @@ from tasks.storage import Storage, open_storage
 P = ParamSpec("P")
 R = TypeVar("R")
 
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"  # 2: frames in metadata (video columns), input parts, select output
 
 CACHE_PREFIX = "cache"
 
