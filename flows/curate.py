@@ -27,13 +27,14 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prefect import flow, get_run_logger
 from prefect.exceptions import UnfinishedRun
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.caching import CACHE_PREFIX, PIPELINE_VERSION, OutputResults, artifact_key
-from tasks.check import CheckedShard, check_shard, npy_bytes
+from tasks.check import CheckedShard, check_shard, npy_bytes, read_npy
 from tasks.config import CurateConfig
 from tasks.datapool import (
     Datapool,
@@ -63,7 +64,6 @@ from tasks.export import (
     StepStats,
     export,
     point_latest,
-    selected_vectors,
     write_report,
 )
 from tasks.frames import check_video_shard
@@ -410,6 +410,7 @@ def _curate(config: CurateConfig, output: Storage, run_id: str) -> str:
     # The datapool, last: this run's outcome merged in, published by one atomic write.
     version = pool.version
     datapool_size = pool.size
+    merged: Datapool | None = None
     if found.shards or process_all:
         outcome = run_outcome(
             [obj for shard in found.shards for obj in read_manifest(output, shard.manifest)],
@@ -417,7 +418,7 @@ def _curate(config: CurateConfig, output: Storage, run_id: str) -> str:
             exported.corrupt,
             duplicates,
             picked["selected"],
-            selected_vectors(output, checked_shards, embedded, picked["selected"]),
+            read_npy(output, picked["embeddings"]) if picked["selected"] else np.zeros((0, 0)),
             run_id,
         )
         base = Datapool.empty() if process_all else pool
@@ -435,7 +436,7 @@ def _curate(config: CurateConfig, output: Storage, run_id: str) -> str:
     # picks, its run directory is complete, and LATEST is repaired by the next run if the
     # process dies before writing it (`repair_latest`).
     write_report(output, exported)
-    if version != pool.version:
+    if merged is not None:
         commit(output, pool, merged, run_id, config.datapool.keep_history, version)
     run_dir = point_latest(output, exported)
     logger.info("run written to %s; datapool %s holds %d objects", run_dir, version, datapool_size)

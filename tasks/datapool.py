@@ -428,13 +428,13 @@ def run_outcome(
     corrupt: dict[str, str],
     duplicates: dict[str, str],
     selected: list[str],
-    vectors: dict[str, np.ndarray],
+    vectors: np.ndarray,
     run_id: str,
 ) -> RunOutcome:
     """What a run decided about each object it processed: corrupt (with its reason), a
     duplicate (of which), selected (any of its samples: a video's frames) or not.
     `metadata` holds the run's samples (`filename`, `video`, hashes); `vectors` the
-    embeddings of the selected samples by name."""
+    embeddings of the selected samples, rows in `selected`'s order."""
     objects_of = metadata["video"].fillna(metadata["filename"])  # a frame's is its video
     key_of = dict(zip(metadata["filename"], objects_of, strict=True))
     chosen = {key_of[name] for name in selected}
@@ -467,9 +467,7 @@ def run_outcome(
         {"name": selected, "key": [key_of[name] for name in selected], "run_id": run_id},
         columns=list(SELECTED_SCHEMA.columns),
     )
-    dim = next((len(v) for v in vectors.values()), 0)
-    matrix = np.stack([vectors[n] for n in selected]) if selected else np.zeros((0, dim))
-    return RunOutcome(objects, SELECTED_SCHEMA.validate(picks), matrix.astype(np.float32))
+    return RunOutcome(objects, SELECTED_SCHEMA.validate(picks), vectors.astype(np.float32))
 
 
 def prior_for(pool: Datapool, replaced: set[str]) -> tuple[np.ndarray, pd.DataFrame]:

@@ -55,7 +55,7 @@ class Exported:
     run: str  # key of the run directory
     metadata: pd.DataFrame  # the run's samples
     corrupt: dict[str, str]  # corrupt images and videos, with reasons
-    report: dict[str, Any]  # report.json's content, written by `publish`
+    report: dict[str, Any]  # report.json's content, written by `write_report`
 
 
 @dataclass
@@ -139,8 +139,8 @@ def export(
         if check.videos is not None:
             videos.update(json.loads(output.read(check.videos)))
 
-    frames = [read_parquet_bytes(output.read(c.metadata)) for c in checked]
-    metadata = pd.concat(frames, ignore_index=True) if frames else metadata_frame([])
+    shard_rows = [read_parquet_bytes(output.read(c.metadata)) for c in checked]
+    metadata = pd.concat(shard_rows, ignore_index=True) if shard_rows else metadata_frame([])
     metadata["duplicate_of"] = metadata["filename"].map(duplicates)
     metadata["selected"] = metadata["filename"].isin(set(selected))
     output.write(
@@ -197,23 +197,6 @@ def point_latest(output: Storage, exported: Exported) -> str:
     run whose datapool version is published); returns the run directory's URL."""
     output.write_text("LATEST", exported.report["run_id"] + "\n")
     return output.join(exported.run)
-
-
-def selected_vectors(
-    storage: Storage,
-    checked: list[CheckedShard],
-    embedded: list[EmbeddedShard],
-    names: list[str],
-) -> dict[str, np.ndarray]:
-    """The embeddings of the named samples, one shard in memory at a time."""
-    wanted, vectors = set(names), {}
-    for check, embed in zip(checked, embedded, strict=True):
-        shard_names = read_parquet_bytes(storage.read(check.metadata))["filename"].tolist()
-        rows = [i for i, name in enumerate(shard_names) if name in wanted]
-        if rows:
-            matrix = read_npy(storage, embed.embeddings)
-            vectors.update({shard_names[i]: matrix[i] for i in rows})
-    return vectors
 
 
 def report(

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from tasks.caching import artifact_key, cached_step, step_key
-from tasks.check import CheckedShard, read_npy
+from tasks.check import CheckedShard, npy_bytes, read_npy
 from tasks.config import StoppingCondition
 from tasks.describe import read_parquet_bytes
 from tasks.device import pick_device
@@ -189,16 +189,17 @@ def select_sequences(
     seed: int,
     device: torch.device,
     prior: np.ndarray | None = None,
-) -> tuple[list[str], list[dict[str, object]]]:
-    """Select whole sequences by their mean frame embedding; (frame names, sequences)."""
+) -> tuple[list[int], list[dict[str, object]]]:
+    """Select whole sequences by their mean frame embedding; (candidate indices of their
+    frames, sequences)."""
     runs = sequences(candidates, length)
     if not runs:
         return [], []
     means = np.stack([candidates.embeddings[run].mean(axis=0) for run in runs])
     means /= np.linalg.norm(means, axis=1, keepdims=True).clip(min=1e-12)
     picks = select(means, strategy, stopping, seed, device, prior)
-    names = [candidates.names[i] for pick in picks for i in runs[pick]]
-    return names, [sequence_information(candidates, runs[pick]) for pick in picks]
+    frames = [i for pick in picks for i in runs[pick]]
+    return frames, [sequence_information(candidates, runs[pick]) for pick in picks]
 
 
 @cached_step("select")
@@ -216,7 +217,8 @@ def select_samples(
 ) -> str:
     """Pick samples among the embedded, non-duplicate ones (or, with `sequence_length`,
     sequences of video frames); returns the key of a JSON object: `selected`, names in
-    pick order, and `sequences`, what each picked sequence holds. `prior_key` (.npy) holds
+    pick order, `embeddings`, the key of their vectors (.npy, same order, for the
+    datapool), and `sequences`, what each picked sequence holds. `prior_key` (.npy) holds
     the embeddings selected by earlier runs: new picks keep their distance from them."""
     key = step_key("select", dict(locals()))
     output = open_storage(output_url)
@@ -224,15 +226,20 @@ def select_samples(
     candidates = load_candidates(output, checked, embedded, set(duplicates))
     on = pick_device(device)
     prior = read_npy(output, prior_key) if prior_key else None
-    picked: dict[str, object]
+    runs: list[dict[str, object]] = []
     if sequence_length:
-        names, runs = select_sequences(
+        picks, runs = select_sequences(
             candidates, sequence_length, strategy, stopping, seed, on, prior
         )
-        picked = {"selected": names, "sequences": runs}
     else:
         picks = select(candidates.embeddings, strategy, stopping, seed, on, prior)
-        picked = {"selected": [candidates.names[i] for i in picks], "sequences": []}
+    vectors_key = artifact_key("select", key, ".npy")
+    output.write(vectors_key, npy_bytes(candidates.embeddings[picks]))
+    picked = {
+        "selected": [candidates.names[i] for i in picks],
+        "embeddings": vectors_key,
+        "sequences": runs,
+    }
     result_key = artifact_key("select", key, ".json")
     output.write(result_key, json.dumps(picked).encode())
     return result_key
