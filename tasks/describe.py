@@ -67,8 +67,8 @@ def describe(name: str, data: bytes, decoded: Decoded) -> dict[str, object]:
         "mode": decoded.mode,
         "brightness": float(luma.mean()) / 255.0,
         "contrast": float(luma.std()) / 255.0,
-        "saturation": mean_saturation(rgb),
-        "sharpness": laplacian_variance(luma),
+        "saturation": float(mean_saturation(rgb)),
+        "sharpness": float(laplacian_variance(luma)),
         "content_hash": hashlib.sha256(data).hexdigest(),
         "pixel_hash": pixel_hash.hexdigest(),
         "video": None,
@@ -125,23 +125,8 @@ def _describe_frames(facts: list[FrameFacts], small_rgb: np.ndarray) -> list[dic
     luma = red * np.float32(0.299) + green * np.float32(0.587) + blue * np.float32(0.114)
     brightness = luma.mean(axis=(1, 2)) / 255.0
     contrast = luma.std(axis=(1, 2)) / 255.0
-    # Channel by channel, in uint8: a reduction over the last axis of length 3 is 30x
-    # slower. Where high is 0 so is high - low, so dividing by max(high, 1) is exact.
-    high = np.maximum(np.maximum(red, green), blue)
-    low = np.minimum(np.minimum(red, green), blue)
-    spread = (high - low).astype(np.float32)
-    saturation = (spread / np.maximum(high, 1)).mean(axis=(1, 2))
-    if luma.shape[1] >= 3 and luma.shape[2] >= 3:
-        lap = (
-            luma[:, :-2, 1:-1]
-            + luma[:, 2:, 1:-1]
-            + luma[:, 1:-1, :-2]
-            + luma[:, 1:-1, 2:]
-            - 4 * luma[:, 1:-1, 1:-1]
-        )
-        sharpness = lap.var(axis=(1, 2))
-    else:
-        sharpness = np.zeros(len(facts), np.float32)
+    saturation = mean_saturation(small_rgb)
+    sharpness = laplacian_variance(luma)
     rows = []
     for i, fact in enumerate(facts):
         digest = hashlib.sha256(f"{fact.width}x{fact.height}{fact.pixel_format}".encode())
@@ -171,21 +156,31 @@ def _describe_frames(facts: list[FrameFacts], small_rgb: np.ndarray) -> list[dic
     return rows
 
 
-def mean_saturation(rgb: np.ndarray) -> float:
-    """Mean HSV saturation, (max - min) / max per pixel, without an HSV conversion
-    (which costs more than all other metadata together)."""
-    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]  # max(axis=2) is 30x slower
-    high = np.maximum(np.maximum(red, green), blue).astype(np.float32)
-    low = np.minimum(np.minimum(red, green), blue).astype(np.float32)
-    saturation = np.divide(high - low, high, out=np.zeros_like(high), where=high > 0)
-    return float(saturation.mean())
+def mean_saturation(rgb: np.ndarray) -> np.ndarray:
+    """Mean HSV saturation, (max - min) / max per pixel, over the last three axes (H, W,
+    3): one value for an image, one per image for a batch. Channel by channel, in uint8,
+    without an HSV conversion (which costs more than all other metadata together) and
+    without a reduction over the last axis of length 3 (30x slower). Where max is 0 so is
+    max - min, so dividing by max(max, 1) is exact."""
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    high = np.maximum(np.maximum(red, green), blue)
+    low = np.minimum(np.minimum(red, green), blue)
+    spread = (high - low).astype(np.float32)
+    return (spread / np.maximum(high, 1)).mean(axis=(-2, -1))
 
 
-def laplacian_variance(luma: np.ndarray) -> float:
-    if luma.shape[0] < 3 or luma.shape[1] < 3:
-        return 0.0
-    lap = luma[:-2, 1:-1] + luma[2:, 1:-1] + luma[1:-1, :-2] + luma[1:-1, 2:] - 4 * luma[1:-1, 1:-1]
-    return float(lap.var())
+def laplacian_variance(luma: np.ndarray) -> np.ndarray:
+    """Variance of the 4-neighbour Laplacian over the last two axes (H, W)."""
+    if luma.shape[-2] < 3 or luma.shape[-1] < 3:
+        return np.zeros(luma.shape[:-2], np.float32)
+    lap = (
+        luma[..., :-2, 1:-1]
+        + luma[..., 2:, 1:-1]
+        + luma[..., 1:-1, :-2]
+        + luma[..., 1:-1, 2:]
+        - 4 * luma[..., 1:-1, 1:-1]
+    )
+    return lap.var(axis=(-2, -1))
 
 
 def metadata_frame(rows: list[dict[str, object]]) -> pd.DataFrame:
