@@ -15,6 +15,7 @@ import hashlib
 import json
 import posixpath
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -149,17 +150,15 @@ def discover_shards(
     work on the first shards starts while a large bucket is still being listed. Objects
     `is_known` says were processed before (the datapool, same identity) are left out."""
 
-    videos: list[ObjectInfo] = []
+    videos: deque[ObjectInfo] = deque()
 
     def images() -> Iterator[ObjectInfo]:
         """Relevant images, in listing order; relevant videos are put aside in `videos`
-        as they pass, so each becomes a shard right after the image shard it is in."""
+        as they pass, so each becomes a shard just before the image shard it was listed
+        in (which is cut only when complete)."""
         for obj in input_storage.list():
-            if (
-                patterns is not None
-                and not is_relevant(obj.key, patterns)
-                or not is_sample_source(obj.key)
-            ):
+            relevant = patterns is None or is_relevant(obj.key, patterns)
+            if not relevant or not is_sample_source(obj.key):
                 found.skipped += 1
             elif is_known is not None and is_known(obj):
                 found.known += 1
@@ -171,10 +170,10 @@ def discover_shards(
     def groups() -> Iterator[tuple[str, list[ObjectInfo]]]:
         for objects in cut_shards(images(), shard_size):
             while videos:
-                yield "video", [videos.pop(0)]
+                yield "video", [videos.popleft()]
             yield "images", objects
         while videos:
-            yield "video", [videos.pop(0)]
+            yield "video", [videos.popleft()]
 
     started = time.perf_counter()
     for index, (kind, objects) in enumerate(groups()):

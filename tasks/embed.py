@@ -15,6 +15,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,8 +232,10 @@ def frame_inputs(source: Storage, metadata: Any, input_size: int) -> Iterator[np
         # multiple of their gcd are converted (the others are decoded and dropped).
         step = math.gcd(*wanted)
         try:
-            with source.open(str(video)) as stream:
-                frames = decode_frames(stream, input_size, every_nth=max(step, 1))
+            with (
+                source.open(str(video)) as stream,
+                closing(decode_frames(stream, input_size, every_nth=max(step, 1))) as frames,
+            ):
                 for index in wanted:
                     # Stop at the last wanted frame: a kept corrupt video fails just after.
                     frame = next(f for f in frames if f.index == index)
@@ -240,7 +243,6 @@ def frame_inputs(source: Storage, metadata: Any, input_size: int) -> Iterator[np
                     if len(part) == FRAME_PART:
                         yield np.stack(part)
                         part = []
-                frames.close()
         except (VideoError, FileNotFoundError, StopIteration) as exc:
             where = source.join(str(video))
             raise CurateError(f"{where}: changed during the run ({exc})") from None

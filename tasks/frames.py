@@ -151,7 +151,6 @@ def check_one_video(
             decoded, reason = check_video(stream, info.declared_frames, on_frame)
         parts.flush()
     except BaseException:
-        parts.close()
         for key in parts.seen.parts:  # a retry or the next run writes them again
             output.delete(key)
         raise
