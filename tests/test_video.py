@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import threading
 from pathlib import Path
 from typing import BinaryIO
 
@@ -261,6 +262,36 @@ def test_storage_errors_are_not_corrupt_reasons() -> None:
 
     with pytest.raises(ConnectionError):
         probe(Broken(), use_metadata=True)  # type: ignore[arg-type]
+
+
+def test_check_video_raises_what_the_storage_raises_midway_on_its_decode_thread(
+    videos: tuple[Path, dict[str, str]],
+) -> None:
+    data = (videos[0] / LONG).read_bytes()
+
+    class GoneMidway(io.BytesIO):
+        def read(self, size: int | None = -1) -> bytes:  # what PyAV calls
+            if self.tell() > len(data) // 2:
+                raise ConnectionError("bucket went away")
+            return super().read(size)
+
+    seen: list[int] = []
+    with pytest.raises(ConnectionError):
+        check_video(GoneMidway(data), None, lambda index, frame: seen.append(index))
+    assert seen == list(range(len(seen))) and 0 < len(seen) < 240
+
+
+def test_an_error_of_on_frame_stops_the_decoding_and_propagates(
+    videos: tuple[Path, dict[str, str]],
+) -> None:
+    def on_frame(index: int, frame: av.VideoFrame) -> None:
+        if index == 5:
+            raise OSError("output full")
+
+    before = threading.active_count()
+    with (videos[0] / LONG).open("rb") as stream, pytest.raises(OSError, match="output full"):
+        check_video(stream, None, on_frame)
+    assert threading.active_count() == before  # the decode thread has ended
 
 
 # --- decoding --------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from PIL import Image
 from videos import VALID, make_video_folder
 
 from flows.demo import digit_images, encode
+from tasks.frames import frame_crc
 from tasks.video import frame_name, parse_frame_name
 
 IMAGES = 3
@@ -262,3 +263,34 @@ def plain_frames_until_damage(path: Path, count: int) -> list[np.ndarray]:
             if len(frames) == count:
                 break
     return frames
+
+
+# Bytes per sample in each plane: nv12 interleaves U and V in its second plane.
+SAMPLE_BYTES = {
+    "yuv420p": (1, 1, 1),
+    "yuvj444p": (1, 1, 1),
+    "gray": (1,),
+    "nv12": (1, 2),
+    "yuv420p10le": (2, 2, 2),
+}
+
+
+@pytest.mark.parametrize("pixel_format", sorted(SAMPLE_BYTES))
+@pytest.mark.parametrize(("width", "height"), [(64, 48), (33, 17)])
+def test_frame_checksum_is_of_the_picture_and_not_of_the_row_padding(
+    pixel_format: str, width: int, height: int
+) -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (height, width, 3), np.uint8)
+
+    def frame(picture: np.ndarray) -> av.VideoFrame:
+        return av.VideoFrame.from_ndarray(picture, format="rgb24").reformat(format=pixel_format)
+
+    scribbled = frame(rgb)
+    for plane, sample_bytes in zip(scribbled.planes, SAMPLE_BYTES[pixel_format], strict=True):
+        # The decoder leaves whatever was there in the padding after each row.
+        row_bytes = plane.width * sample_bytes
+        np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[:, row_bytes:] ^= 0x5A
+    changed = rgb.copy()
+    changed[-1, -1] ^= 0xFF
+    assert frame_crc(frame(rgb)) == frame_crc(scribbled)
+    assert frame_crc(frame(rgb)) != frame_crc(frame(changed))

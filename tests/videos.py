@@ -50,6 +50,7 @@ VALID: dict[str, Spec] = {
     "clips/moov-at-end.mp4": Spec("libx264", "mp4", frames=48),
     "clips/old-camera.avi": Spec("mpeg4", "avi", frames=50, gop=10),
     "clips/web.webm": Spec("libvpx-vp9", "webm", frames=48),
+    "clips/odd-size.webm": Spec("libvpx-vp9", "webm", frames=30, width=97, height=63),
     "clips/dash-cam-2.mkv": Spec("mjpeg", "matroska", frames=40),
     "clips/broadcast.mpg": Spec("mpeg2video", "mpeg", frames=48),
     "clips/phone.MOV": Spec("libx264", "mov", frames=50, width=128, height=96),
