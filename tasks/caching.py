@@ -30,7 +30,8 @@ from tasks.storage import Storage, open_storage
 P = ParamSpec("P")
 R = TypeVar("R")
 
-PIPELINE_VERSION = "2"  # 2: frames in metadata (video columns), input parts, select output
+PIPELINE_VERSION = "3"  # 2: frames in metadata (video columns), input parts, select output;
+# 3: frames' pixel hashes take CRC-32C
 
 CACHE_PREFIX = "cache"
 
