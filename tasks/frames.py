@@ -82,11 +82,10 @@ class _Parts:
     (on this thread: a helper thread competing with the decoder's made the pass slower)."""
 
     def __init__(self, output: Storage, prefix: str, chunk: int, size: int) -> None:
-        self.output, self.prefix, self.chunk = output, prefix, chunk
+        self.output, self.prefix, self.chunk, self.size = output, prefix, chunk, size
         self.seen = _VideoPass()
         self.facts: list[FrameFacts] = []
-        self.inputs = np.empty((chunk, size, size, 3), np.uint8)
-        self.size = size
+        self.inputs = np.empty((chunk, size, size, 3), np.uint8)  # reused: writes are done
         self.described = 0  # frames of the current part measured so far
 
     def add(self, fact: FrameFacts, frame: VideoFrame) -> None:
