@@ -31,12 +31,28 @@ from tasks.discover import Shard, read_manifest
 from tasks.storage import ObjectInfo, Storage, open_storage
 from tasks.video import VideoInfo, check_video, frame_name, probe, read_frames, to_rgb
 
-# 8-bit planar pixel formats, whose planes' rows hold `plane.width` bytes of picture each.
-PLANAR_8BIT = frozenset({"yuv420p", "yuvj420p", "yuv444p", "yuvj444p", "gray"})
+# Bytes per sample in each plane of the pixel formats decoders commonly put out: a plane's
+# row holds `plane.width` samples, then the decoder's padding.
+SAMPLE_BYTES: dict[str, tuple[int, ...]] = {
+    **dict.fromkeys(
+        ("yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "yuv440p"),
+        (1, 1, 1),
+    ),
+    **dict.fromkeys(
+        ("yuv420p10le", "yuv422p10le", "yuv444p10le", "yuv420p12le", "yuv422p12le", "yuv444p12le"),
+        (2, 2, 2),
+    ),
+    "gray": (1,),
+    "gray10le": (2,),
+    "gray12le": (2,),
+    "nv12": (1, 2),  # U and V interleaved in the second plane
+    "nv21": (1, 2),
+    "p010le": (2, 4),
+}
 
 
 def frame_crc(frame: VideoFrame) -> int:
-    """CRC-32C of a decoded frame's picture, as it came out of the decoder (YUV planes one
+    """CRC-32C of a decoded frame's picture, as it came out of the decoder (its planes one
     after the other, without the decoder's row padding, whose bytes are undefined).
 
     A checksum at memory speed (hardware CRC-32C: 6 us for a 480x270 frame, where zlib's
@@ -46,19 +62,21 @@ def frame_crc(frame: VideoFrame) -> int:
     for such near-identical frames. Planes are checksummed in place (the CRC chains over
     consecutive buffers), copied only when rows are padded; converting to RGB at full size
     would cost more than decoding."""
-    if frame.format.name not in PLANAR_8BIT:
+    sample_bytes = SAMPLE_BYTES.get(frame.format.name)
+    if sample_bytes is None:  # rare from video decoders: PyAV's padding-free array or RGB
         try:
             picture = frame.to_ndarray()
-        except (ValueError, TypeError, AssertionError):  # no array layout in PyAV (or odd width)
+        except (ValueError, TypeError, AssertionError):  # no array layout, or odd width
             picture = frame.to_ndarray(format="rgb24")
         return int(google_crc32c.value(np.ascontiguousarray(picture)))
     crc = 0
-    for plane in frame.planes:
+    for plane, size in zip(frame.planes, sample_bytes, strict=True):
         # Buffers as such: the C extension refuses memoryviews.
         data: object = plane
-        if plane.line_size != plane.width:
+        row = plane.width * size
+        if plane.line_size != row:
             rows = np.frombuffer(memoryview(plane), np.uint8).reshape(-1, plane.line_size)
-            data = np.ascontiguousarray(rows[:, : plane.width])
+            data = np.ascontiguousarray(rows[:, :row])
         crc = google_crc32c.extend(crc, data)
     return int(crc)
 

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -142,6 +143,8 @@ def test_the_server_rejects_an_invalid_config_before_creating_a_run(server):
 
 
 def _api(env: dict[str, str], method: str, path: str, body: object | None = None) -> object:
+    """One call to the server's REST API. A 503 is retried, as Prefect's own client does:
+    the server answers it while SQLite is locked by another writer (a worker, the CLI)."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(
         env["PREFECT_API_URL"] + path,
@@ -149,8 +152,15 @@ def _api(env: dict[str, str], method: str, path: str, body: object | None = None
         method=method,
         headers={"Content-Type": "application/json"},
     )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read() or b"null")
+    for attempt in range(6):
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            if error.code != 503 or attempt == 5:
+                raise
+            time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 @pytest.mark.slow
