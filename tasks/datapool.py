@@ -7,7 +7,8 @@ version) and selects new samples against the ones already selected. It lives in
     CURRENT                   the published version's name; writing it is the commit point
     LOCK                      held by the one run allowed to commit (DatapoolLock)
     v000007/objects.parquet   one row per processed input object, with its outcome
-    v000007/selected.parquet  one row per selected sample (a video gives several per object)
+    v000007/selected.parquet  one row per selected sample (a video gives several per object;
+                              a frame's row keeps its pixel hash, so copies are duplicates)
     v000007/embeddings.npy    float32, rows aligned with selected.parquet
     v000007/manifest.json     written last: parent, model, counts, each file's size and sha256
 
@@ -68,7 +69,14 @@ OBJECTS_SCHEMA = pa.DataFrameSchema(
     coerce=True,
 )
 SELECTED_SCHEMA = pa.DataFrameSchema(
-    {"name": pa.Column(str, unique=True), "key": pa.Column(str), "run_id": pa.Column(str)},
+    {
+        "name": pa.Column(str, unique=True),
+        "key": pa.Column(str),
+        "run_id": pa.Column(str),
+        # A selected video frame's pixel hash, so that copies of it in later runs are
+        # duplicates of it (an image's hashes are its object's).
+        "pixel_hash": pa.Column(str, nullable=True),
+    },
     strict=True,
     ordered=True,
     coerce=True,
@@ -169,7 +177,10 @@ def load_datapool(storage: Storage) -> Datapool:
     data = {n: _read(storage, f"{DIR}/{version}/{n}", m) for n, m in manifest["files"].items()}
     try:
         objects = OBJECTS_SCHEMA.validate(read_parquet_bytes(data["objects.parquet"]))
-        selected = SELECTED_SCHEMA.validate(read_parquet_bytes(data["selected.parquet"]))
+        selected = read_parquet_bytes(data["selected.parquet"])
+        if "pixel_hash" not in selected:  # written before frames' hashes were kept
+            selected["pixel_hash"] = None
+        selected = SELECTED_SCHEMA.validate(selected)
         vectors = np.load(io.BytesIO(data["embeddings.npy"]), allow_pickle=False)
     except (ValueError, OSError, pa.errors.SchemaError) as exc:
         raise _untrusted(
@@ -439,6 +450,7 @@ def run_outcome(
     key_of = dict(zip(metadata["filename"], objects_of, strict=True))
     chosen = {key_of[name] for name in selected}
     images = metadata[metadata["video"].isna()].set_index("filename")
+    frame_hashes = metadata[metadata["video"].notna()].set_index("filename")["pixel_hash"]
     rows = []
     for obj in identities:
         status = "not_selected"
@@ -464,7 +476,12 @@ def run_outcome(
         )
     objects = OBJECTS_SCHEMA.validate(pd.DataFrame(rows, columns=list(OBJECTS_SCHEMA.columns)))
     picks = pd.DataFrame(
-        {"name": selected, "key": [key_of[name] for name in selected], "run_id": run_id},
+        {
+            "name": selected,
+            "key": [key_of[name] for name in selected],
+            "run_id": run_id,
+            "pixel_hash": [frame_hashes.get(name) for name in selected],
+        },
         columns=list(SELECTED_SCHEMA.columns),
     )
     return RunOutcome(objects, SELECTED_SCHEMA.validate(picks), vectors.astype(np.float32))
@@ -472,18 +489,20 @@ def run_outcome(
 
 def prior_for(pool: Datapool, replaced: set[str]) -> tuple[np.ndarray, pd.DataFrame]:
     """What a run selects against: the datapool's selected embeddings and the hashes of
-    its selected images, less those of objects this run processes again."""
+    its selected images and video frames, less those of objects this run processes again.
+    A frame's hashes are both its pixel hash, as in the metadata."""
     kept = ~pool.selected["key"].isin(replaced).to_numpy()
     images = pool.objects[
         (pool.objects["status"] == "selected")
         & pool.objects["content_hash"].notna()
         & ~pool.objects["key"].isin(replaced)
     ]
+    frames = pool.selected[kept & pool.selected["pixel_hash"].notna().to_numpy()]
     hashes = pd.DataFrame(
         {
-            "filename": images["key"],
-            "content_hash": images["content_hash"],
-            "pixel_hash": images["pixel_hash"],
+            "filename": [*images["key"], *frames["name"]],
+            "content_hash": [*images["content_hash"], *frames["pixel_hash"]],
+            "pixel_hash": [*images["pixel_hash"], *frames["pixel_hash"]],
         }
-    ).reset_index(drop=True)
+    )
     return pool.embeddings[kept], hashes

@@ -3,6 +3,7 @@ aligned, commits that survive SIGKILL, and a lock that one run at a time holds."
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -32,6 +33,7 @@ from tasks.datapool import (
     load_datapool,
     merge,
 )
+from tasks.describe import to_parquet_bytes
 from tasks.errors import CurateError
 from tasks.storage import LocalStorage, ObjectInfo, Storage, open_storage
 
@@ -66,8 +68,8 @@ def _vector(name: str, dim: int = 4) -> np.ndarray:
 def _picks(samples: dict[str, str], run_id: str = "r1") -> tuple[pd.DataFrame, np.ndarray]:
     """Selected rows ({name: key}) and their vectors."""
     frame = pd.DataFrame(
-        [{"name": n, "key": k, "run_id": run_id} for n, k in samples.items()],
-        columns=["name", "key", "run_id"],
+        [{"name": n, "key": k, "run_id": run_id, "pixel_hash": None} for n, k in samples.items()],
+        columns=["name", "key", "run_id", "pixel_hash"],
     )
     vectors = np.array([_vector(n) for n in samples], dtype=np.float32).reshape(-1, 4)
     return frame, vectors
@@ -102,8 +104,26 @@ def test_an_output_without_a_datapool_loads_an_empty_one(tmp_path: Path) -> None
     assert pool.version is None and pool.size == 0 and pool.model is None
     assert pool.embeddings.shape == (0, 0) and pool.embeddings.dtype == np.float32
     assert list(pool.objects.columns)[:4] == ["key", "size", "version", "status"]
-    assert list(pool.selected.columns) == ["name", "key", "run_id"]
+    assert list(pool.selected.columns) == ["name", "key", "run_id", "pixel_hash"]
     assert not pool.is_known(ObjectInfo("a.jpg", 10, "1"))
+
+
+def test_a_datapool_written_before_frames_hashes_were_kept_still_loads(tmp_path: Path) -> None:
+    storage = open_storage(str(tmp_path))
+    _first_run(storage)
+    folder = tmp_path / "datapool" / (tmp_path / "datapool/CURRENT").read_text().strip()
+    old = pd.read_parquet(folder / "selected.parquet").drop(columns="pixel_hash")
+    data = to_parquet_bytes(old)
+    (folder / "selected.parquet").write_bytes(data)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["selected.parquet"] = {
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    pool = load_datapool(storage)
+    assert pool.selected["name"].tolist() == ["a.jpg"]
+    assert pool.selected["pixel_hash"].isna().all()
 
 
 def test_a_committed_datapool_loads_back_equal_and_is_plain_parquet(tmp_path: Path) -> None:
@@ -173,7 +193,7 @@ def test_merge_refuses_vectors_of_another_dimension_or_count() -> None:
 
 def test_a_run_that_selects_nothing_keeps_the_dimension(tmp_path: Path) -> None:
     storage = open_storage(str(tmp_path))
-    empty = pd.DataFrame(columns=["name", "key", "run_id"])
+    empty = pd.DataFrame(columns=["name", "key", "run_id", "pixel_hash"])
     new = merge(
         Datapool.empty(), _objects({"a.jpg": "not_selected"}), empty, np.zeros((0, 4)), MODEL
     )
@@ -243,7 +263,7 @@ def _state(n: int) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
     vector of sample j filled with j."""
     keys = [f"k{j:04d}" for j in range(1, n + 1)]
     objects = _objects(dict.fromkeys(keys, "selected"))
-    selected = pd.DataFrame({"name": keys, "key": keys, "run_id": "r1"})
+    selected = pd.DataFrame({"name": keys, "key": keys, "run_id": "r1", "pixel_hash": None})
     vectors = np.repeat(np.arange(1, n + 1, dtype=np.float32)[:, None], 4, axis=1)
     return objects, selected, vectors
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from videos import VALID, write_video
 
 from flows.demo import digit_images, encode
 from tasks.datapool import DatapoolLock, load_datapool
@@ -109,6 +111,25 @@ def test_an_exact_copy_of_a_selected_image_is_a_duplicate_of_it(tmp_path, run_cu
     second = run_curate(*args)
     assert second.names("duplicate") == ["copy.png"]
     assert second.names("selected") == []
+
+
+def test_frames_of_a_copied_video_are_duplicates_of_the_frames_selected_before(
+    tmp_path, run_curate
+) -> None:
+    folder, out = tmp_path / "in", tmp_path / "out"
+    write_video(folder / "clips/street.mp4", VALID["clips/street.mp4"])
+    args = (f"input={folder}", f"output={out}", "stopping_condition.n_samples=5")
+    first = run_curate(*args).names("selected")
+    (folder / "copies").mkdir()
+    shutil.copy(folder / "clips/street.mp4", folder / "copies/street.mp4")
+    second = run_curate(*args)
+    metadata = pd.read_parquet(second.path / "data/metadata.parquet").set_index("filename")
+    for name in first:
+        assert metadata.loc[name.replace("clips/", "copies/", 1), "duplicate_of"] == name
+    assert not set(second.names("selected")) & {n.replace("clips/", "copies/") for n in first}
+    assert len(load_datapool(open_storage(str(out))).selected) == len(first) + len(
+        second.names("selected")
+    )
 
 
 def test_process_all_processes_everything_and_replaces_the_datapool(tmp_path, run_curate) -> None:
