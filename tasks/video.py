@@ -263,13 +263,35 @@ def _fps(stream: VideoStream) -> float | None:
 
 
 @dataclass
+class _Span:
+    """Where a video stream's packets lie, counted as they are demuxed: how many are
+    frames, the smallest pts, and the largest pts + duration (where the data ends)."""
+
+    default_duration: int  # for packets that carry none (`_frame_duration`)
+    packets: int = 0
+    first_pts: int | None = None
+    end_pts: int | None = None
+
+    def add(self, packet: Packet) -> bool:
+        """Count the packet if it is a frame (`_counts`); returns whether it is one."""
+        if not _counts(packet):
+            return False
+        self.packets += 1
+        if packet.pts is not None:
+            end = packet.pts + (packet.duration or self.default_duration)
+            self.end_pts = end if self.end_pts is None else max(self.end_pts, end)
+            first = self.first_pts
+            self.first_pts = packet.pts if first is None else min(first, packet.pts)
+        return True
+
+
+@dataclass
 class _Demuxed:
     """What a demux pass over the video stream saw."""
 
-    packets: int
+    span: _Span
     pts: list[int | None]
     keyframe_pts: list[int]
-    end_pts: int | None  # the largest pts + duration: where the data ends
     error: str | None  # the demuxer failed before the end
 
 
@@ -281,21 +303,16 @@ def _counts(packet: Packet) -> bool:
 
 def _demux(container: InputContainer, stream: VideoStream) -> _Demuxed:
     """Read every packet of the video stream without decoding any."""
-    seen = _Demuxed(0, [], [], None, None)
-    default_duration = _frame_duration(stream)
+    seen = _Demuxed(_Span(_frame_duration(stream)), [], [], None)
     try:
         for packet in container.demux(stream):
-            if not _counts(packet):
+            if not seen.span.add(packet):
                 continue
-            seen.packets += 1
             seen.pts.append(packet.pts)
-            if packet.pts is not None:
-                if packet.is_keyframe:
-                    seen.keyframe_pts.append(packet.pts)
-                end = packet.pts + (packet.duration or default_duration)
-                seen.end_pts = end if seen.end_pts is None else max(seen.end_pts, end)
+            if packet.pts is not None and packet.is_keyframe:
+                seen.keyframe_pts.append(packet.pts)
     except av.error.FFmpegError as exc:
-        seen.error = f"unreadable after frame {seen.packets}: {_short(exc)}"
+        seen.error = f"unreadable after frame {seen.span.packets}: {_short(exc)}"
     return seen
 
 
@@ -309,7 +326,7 @@ def _frame_duration(stream: VideoStream) -> int:
 
 def _table(seen: _Demuxed) -> FrameTable | None:
     """Index <-> pts for every frame, when every frame has a distinct pts."""
-    if seen.packets == 0 or any(pts is None for pts in seen.pts):
+    if seen.span.packets == 0 or any(pts is None for pts in seen.pts):
         return None
     ordered = sorted(pts for pts in seen.pts if pts is not None)
     if len(set(ordered)) != len(ordered):
@@ -374,15 +391,15 @@ def probe(stream: BinaryIO, use_metadata: bool = True) -> VideoInfo | str:
             seen = _demux(container, video)
             if seen.error:
                 return seen.error
-            if seen.packets == 0:
+            if seen.span.packets == 0:
                 return "no video frames"
-            count, source, table = seen.packets, "demux", _table(seen)
+            count, source, table = seen.span.packets, "demux", _table(seen)
             if table is not None:
                 start_pts = table.pts[0]
-            if seen.end_pts is not None and video.time_base:
+            span = seen.span
+            if span.first_pts is not None and span.end_pts is not None and video.time_base:
                 # What the packets span is the truth; headers can be estimates (MPEG-PS).
-                first = min((pts for pts in seen.pts if pts is not None), default=start_pts)
-                duration = float((seen.end_pts - first) * video.time_base)
+                duration = float((span.end_pts - span.first_pts) * video.time_base)
         return VideoInfo(
             width=video.width,
             height=video.height,
@@ -509,18 +526,11 @@ def _check_pass(
     emit: Callable[[VideoFrame], None],
 ) -> tuple[int, str | None]:
     """`check_video`'s decode loop, handing each decoded frame to `emit`."""
-    decoded, packets, decode_error = 0, 0, None
-    end_pts: int | None = None
-    first_pts: int | None = None
-    default_duration = _frame_duration(video)
+    decoded, decode_error = 0, None
+    span = _Span(_frame_duration(video))
     try:
         for packet in container.demux(video):
-            if _counts(packet):
-                packets += 1
-                if packet.pts is not None:
-                    end = packet.pts + (packet.duration or default_duration)
-                    end_pts = end if end_pts is None else max(end_pts, end)
-                    first_pts = packet.pts if first_pts is None else min(first_pts, packet.pts)
+            span.add(packet)
             if decode_error is None:
                 # After the first failure only demux (cheap): enough to tell a cut file
                 # from a damaged one.
@@ -531,10 +541,11 @@ def _check_pass(
                 except av.error.FFmpegError as exc:
                     decode_error = f"frame {decoded} fails to decode: {_short(exc)}"
     except av.error.FFmpegError as exc:
-        return decoded, f"unreadable after frame {packets}: {_short(exc)}"
+        return decoded, f"unreadable after frame {span.packets}: {_short(exc)}"
+    packets = span.packets
     if declared_frames and packets < declared_frames:
         return decoded, f"truncated: {decoded} of {declared_frames} frames decode"
-    cut_short = _cut_short(container, video, first_pts, end_pts)
+    cut_short = _cut_short(container, video, span.first_pts, span.end_pts)
     if cut_short is not None:
         ends_at, declared_seconds = cut_short
         expected = round(declared_seconds * (_fps(video) or 0))
