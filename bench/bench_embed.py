@@ -25,6 +25,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench.runs import timed_curate  # noqa: E402
+
 
 def make_images(folder: Path, n: int) -> None:
     from flows.demo import encode, photo_crops
@@ -58,11 +60,6 @@ def bare_loop(folder: Path, input_size: int, batch_size: int, workers: int) -> f
 
 def pipeline(folder: Path, output: Path, args: argparse.Namespace, seed: int) -> tuple[float, dict]:
     """Seconds for a whole curate flow run (the Prefect server already started)."""
-    import json
-
-    from flows.curate import curate
-    from tasks.config import load_config
-
     overrides = [
         f"input={folder}",
         f"output={output}",
@@ -73,10 +70,7 @@ def pipeline(folder: Path, output: Path, args: argparse.Namespace, seed: int) ->
         f"shard_size={args.shard_size}",
         f"seed={seed}",
     ]
-    started = time.perf_counter()
-    run_dir = curate(load_config(None, overrides))
-    seconds = time.perf_counter() - started
-    return seconds, json.loads((Path(run_dir) / "report.json").read_text())
+    return timed_curate(overrides)
 
 
 def main() -> None:

@@ -13,14 +13,14 @@ datapool's selection and commits a new datapool version. Target: incremental / f
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+from bench.runs import timed_curate  # noqa: E402
 
 
 def make_images(folder: Path, start: int, n: int, prefix: str) -> None:
@@ -31,19 +31,13 @@ def make_images(folder: Path, start: int, n: int, prefix: str) -> None:
 
 
 def run(folder: Path, output: Path) -> tuple[float, dict]:
-    from flows.curate import curate
-    from tasks.config import load_config
-
     overrides = [
         f"input={folder}",
         f"output={output}",
         "stopping_condition.proportion_samples=0.01",
         f"num_workers={os.cpu_count()}",
     ]
-    started = time.perf_counter()
-    run_dir = curate(load_config(None, overrides))
-    seconds = time.perf_counter() - started
-    return seconds, json.loads((Path(run_dir) / "report.json").read_text())
+    return timed_curate(overrides)
 
 
 def main() -> None:

@@ -20,7 +20,6 @@ a 100-frame one: what the long video costs is their difference; the rest is the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -36,6 +35,8 @@ import av  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from av.video.reformatter import VideoReformatter  # noqa: E402
+
+from bench.runs import timed_curate  # noqa: E402
 
 
 def make_video(path: Path, frames: int, width: int = 480, height: int = 270) -> None:
@@ -107,9 +108,6 @@ def embedder() -> object:
 def pipeline(folder: Path, output: Path, args: argparse.Namespace, seed: int) -> dict:
     """A whole curate run's report (the Prefect server already started); a fresh output
     each time, so nothing comes from the cache."""
-    from flows.curate import curate
-    from tasks.config import load_config
-
     overrides = [
         f"input={folder}",
         f"output={output}",
@@ -118,8 +116,7 @@ def pipeline(folder: Path, output: Path, args: argparse.Namespace, seed: int) ->
         f"num_workers={os.cpu_count()}",
         f"seed={seed}",
     ]
-    run_dir = curate(load_config(None, overrides))
-    return json.loads((Path(run_dir) / "report.json").read_text())
+    return timed_curate(overrides)[1]
 
 
 # This process's own peak RSS: VmHWM, not ru_maxrss, which a child inherits from the
