@@ -59,10 +59,13 @@ def bare_loop(folder: Path, input_size: int, batch_size: int, workers: int) -> f
 
 
 def pipeline(folder: Path, output: Path, args: argparse.Namespace, seed: int) -> tuple[float, dict]:
-    """Seconds for a whole curate flow run (the Prefect server already started)."""
+    """Seconds for a whole curate flow run (the Prefect server already started). Every
+    run processes all images (`process_all`): one output serves runs with other weights,
+    which the datapool would otherwise refuse (another model) or skip (nothing new)."""
     overrides = [
         f"input={folder}",
         f"output={output}",
+        "datasource.process_all=true",
         "stopping_condition.n_samples=100",
         f"embedding.input_size={args.input_size}",
         f"embedding.batch_size={args.batch_size}",
