@@ -56,8 +56,8 @@ def dedup(
     include_frames: bool = True,
     prior_key: str | None = None,
 ) -> str:
-    """Find exact duplicates across all shards, and of the datapool's selected images
-    (`prior_key`: their names and hashes, Parquet); returns the key of a JSON map
+    """Find exact duplicates across all shards, and of the datapool's selected images and
+    frames (`prior_key`: their names and hashes, Parquet); returns the key of a JSON map
     {duplicate: kept}. Without `include_frames` video frames are never duplicates (a
     selected sequence keeps every frame, repeated ones too)."""
     key = step_key("dedup", dict(locals()))

@@ -166,7 +166,8 @@ def export(
         f"{run}/data/embeddings.csv", _embedding_rows(output, checked, embedded, duplicates)
     )
     output.write(f"{run}/filenames/selected_filenames.txt", _lines(selected))
-    output.write(f"{run}/filenames/corrupt_filenames.txt", _lines(sorted(corrupt | corrupt_videos)))
+    all_corrupt = corrupt | corrupt_videos
+    output.write(f"{run}/filenames/corrupt_filenames.txt", _lines(sorted(all_corrupt)))
     output.write(f"{run}/filenames/duplicate_filenames.txt", _lines(sorted(duplicates)))
     information = {"corrupt_samples": corrupt, "corrupt_videos": corrupt_videos}
     output.write_text(
@@ -178,14 +179,14 @@ def export(
         seconds=finished - export_started, retries=output.retries, shards=1
     )
     summary.seconds = finished - run_started
-    document = report(summary, metadata, corrupt | corrupt_videos, duplicates, selected)
+    document = report(summary, metadata, all_corrupt, duplicates, selected)
     document["counts"] |= {
         "videos": len(videos),
         "corrupt_videos": len(corrupt_videos),
         "frames": int(metadata["video"].notna().sum()),
         "selected_sequences": len(picked["sequences"]),
     }
-    return Exported(run, metadata, corrupt | corrupt_videos, document)
+    return Exported(run, metadata, all_corrupt, document)
 
 
 def write_report(output: Storage, exported: Exported) -> None:

@@ -156,9 +156,7 @@ class Storage(ABC):
 
     def delete_folder(self, folder: str) -> None:
         """Remove every object under `folder` (a missing one is fine)."""
-        if not folder.strip("/"):
-            raise ValueError("delete_folder needs a folder, not the root")
-        for obj in list(self.list(folder.rstrip("/") + "/")):
+        for obj in list(self.list(_folder(folder) + "/")):
             self.delete(obj.key)
 
     def _holds(self, key: str, data: bytes) -> bool:
@@ -345,7 +343,7 @@ class LocalStorage(Storage):
     def write_stream(self, key: str, chunks: Iterable[bytes | memoryview]) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp = _temporary(path)
         try:
             with tmp.open("wb") as f:
                 for chunk in chunks:
@@ -357,7 +355,7 @@ class LocalStorage(Storage):
     def create_exclusive(self, key: str, data: bytes) -> bool:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp = _temporary(path)
         try:
             tmp.write_bytes(data)
             # A hard link publishes the finished file under its name, and fails rather than
@@ -379,10 +377,21 @@ class LocalStorage(Storage):
     def delete_folder(self, folder: str) -> None:
         # The folder goes too (a bucket has no empty folders), with any temporary files
         # that a killed writer left in it.
-        if not folder.strip("/"):
-            raise ValueError("delete_folder needs a folder, not the root")
         with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(self._path(folder.rstrip("/")))
+            shutil.rmtree(self._path(_folder(folder)))
+
+
+def _temporary(path: Path) -> Path:
+    """A name beside `path` that no other writer (process, thread) uses at the same time."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+def _folder(folder: str) -> str:
+    """`folder` without its trailing slash; never the root (`delete_folder` would empty
+    the whole location)."""
+    if not folder.strip("/"):
+        raise ValueError("delete_folder needs a folder, not the root")
+    return folder.rstrip("/")
 
 
 def open_storage(url: str) -> Storage:
