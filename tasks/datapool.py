@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
+from tasks.check import npy_bytes
 from tasks.describe import read_parquet_bytes, to_parquet_bytes
 from tasks.errors import CurateError
 from tasks.storage import ObjectInfo, Storage
@@ -253,7 +254,7 @@ def commit(
     files = {
         "objects.parquet": to_parquet_bytes(OBJECTS_SCHEMA.validate(new.objects)),
         "selected.parquet": to_parquet_bytes(SELECTED_SCHEMA.validate(new.selected)),
-        "embeddings.npy": _npy(new.embeddings),
+        "embeddings.npy": npy_bytes(np.asarray(new.embeddings, dtype=np.float32)),
     }
     for name, data in files.items():
         storage.write(f"{DIR}/{version}/{name}", data)
@@ -296,12 +297,6 @@ def _version_folders(storage: Storage) -> set[str]:
 def _number(version: str | None) -> int:
     match = _VERSION.fullmatch(version or "")
     return int(match.group(1)) if match else 0
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, np.asarray(array, dtype=np.float32), allow_pickle=False)
-    return buffer.getvalue()
 
 
 def _prune(
