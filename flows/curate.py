@@ -33,8 +33,8 @@ from prefect.exceptions import UnfinishedRun
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.caching import CACHE_PREFIX, PIPELINE_VERSION, OutputResults, artifact_key
-from tasks.check import CheckedShard, check_shard, npy_bytes, read_npy
+from tasks.caching import OutputResults
+from tasks.check import check_shard
 from tasks.config import CurateConfig
 from tasks.datapool import (
     Datapool,
@@ -47,27 +47,27 @@ from tasks.datapool import (
     run_outcome,
 )
 from tasks.dedup import dedup
-from tasks.describe import to_parquet_bytes
 from tasks.device import default_input_size, pick_device
 from tasks.discover import (
     Discovery,
     Shard,
     discover_shards,
-    is_sample_source,
     load_patterns,
-    read_manifest,
 )
-from tasks.embed import EmbeddedShard, Weights, check_model_name, embed_shard, resolve_weights
+from tasks.embed import Weights, check_model_name, embed_shard, resolve_weights
 from tasks.errors import CurateError
 from tasks.export import (
     RunSummary,
-    StepStats,
     export,
     point_latest,
     write_report,
 )
+from tasks.formats import npy_bytes, read_npy, to_parquet_bytes
 from tasks.frames import check_video_shard
+from tasks.keys import CACHE_PREFIX, PIPELINE_VERSION, artifact_key
+from tasks.naming import is_sample_source
 from tasks.select import select_samples
+from tasks.shards import CheckedShard, EmbeddedShard, StepStats, read_manifest
 from tasks.storage import LocalStorage, ObjectInfo, Storage, open_storage
 
 

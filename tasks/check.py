@@ -19,9 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
-from tasks.caching import artifact_key, cached_step, step_key
-from tasks.describe import describe, metadata_frame, to_parquet_bytes
-from tasks.discover import Shard, read_manifest
+from tasks.caching import cached_step
+from tasks.describe import describe, metadata_frame
+from tasks.formats import npy_bytes, to_parquet_bytes
+from tasks.keys import artifact_key, step_key
+from tasks.shards import CheckedShard, Shard, read_manifest
 from tasks.storage import ObjectInfo, Storage, open_storage, process_objects
 
 # We check the pixel count ourselves, against the configured limit, before decoding.
@@ -153,25 +155,6 @@ def model_input(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8)
 
 
-@dataclass(frozen=True)
-class CheckedShard:
-    """What a check run wrote: metadata rows of valid samples (Parquet), reasons for the
-    corrupt objects (JSON), and the samples' model inputs (.npy parts whose rows, in
-    order, align with the Parquet's). Video shards also say what each video is."""
-
-    shard_index: int
-    metadata: str
-    corrupt: str
-    inputs: tuple[str, ...]
-    full_check: bool
-    valid: int
-    corrupt_count: int
-    bytes_read: int
-    seconds: float
-    retries: int = 0
-    videos: str | None = None  # JSON {video key: frame counts, codec, fps, reason...}
-
-
 Inspection = tuple[dict[str, object], np.ndarray] | str  # (metadata, model input) or why not
 
 
@@ -244,22 +227,3 @@ def check_shard(
         seconds=time.perf_counter() - started,
         retries=source.retries + output.retries,
     )
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
-def npy_chunks(array: np.ndarray) -> list[bytes | memoryview]:
-    """An array as .npy file content without copying its data: the header, then the
-    array's own buffer (for `Storage.write_stream`)."""
-    array = np.ascontiguousarray(array)
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
-    return [header.getvalue(), array.data.cast("B")]
-
-
-def read_npy(storage: Storage, key: str) -> np.ndarray:
-    return np.load(io.BytesIO(storage.read(key)), allow_pickle=False)

@@ -38,9 +38,8 @@ import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
-from tasks.check import npy_bytes
-from tasks.describe import read_parquet_bytes, to_parquet_bytes
 from tasks.errors import CurateError
+from tasks.formats import npy_bytes, read_parquet_bytes, to_parquet_bytes
 from tasks.storage import ObjectInfo, Storage
 
 log = logging.getLogger(__name__)

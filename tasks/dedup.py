@@ -11,9 +11,10 @@ import json
 
 import pandas as pd
 
-from tasks.caching import artifact_key, cached_step, step_key
-from tasks.check import CheckedShard
-from tasks.describe import read_parquet_bytes
+from tasks.caching import cached_step
+from tasks.formats import read_parquet_bytes
+from tasks.keys import artifact_key, step_key
+from tasks.shards import CheckedShard
 from tasks.storage import Storage, open_storage
 
 

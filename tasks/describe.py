@@ -14,7 +14,6 @@ full-size RGB frame is never made, which keeps the video path near a bare decode
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -181,13 +180,3 @@ def metadata_frame(rows: list[dict[str, object]]) -> pd.DataFrame:
     """Rows as a schema-checked frame (an empty shard gives an empty, typed frame)."""
     frame = pd.DataFrame(rows, columns=list(METADATA_SCHEMA.columns))
     return METADATA_SCHEMA.validate(frame)
-
-
-def to_parquet_bytes(frame: pd.DataFrame) -> bytes:
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    return buffer.getvalue()
-
-
-def read_parquet_bytes(data: bytes) -> pd.DataFrame:
-    return pd.read_parquet(io.BytesIO(data))

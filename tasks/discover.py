@@ -12,44 +12,20 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import json
-import posixpath
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from tasks.caching import artifact_key, content_key
 from tasks.errors import CurateError
+from tasks.keys import artifact_key, content_key
+from tasks.naming import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, is_image, is_sample_source
+from tasks.shards import Shard, manifest_bytes
 from tasks.storage import ObjectInfo, Storage, open_storage
-from tasks.video import VIDEO_EXTENSIONS, is_video
-
-IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "bmp", "gif", "tif", "tiff", "webp"})
 
 # A shard is cut at a content-defined boundary, or at this multiple of the shard size so
 # that an unlucky run of keys cannot make one huge shard.
 MAX_SHARD_FACTOR = 4
-
-
-@dataclass(frozen=True)
-class Shard:
-    """A reference to a manifest of objects; `identity` changes when any object does."""
-
-    index: int
-    identity: str
-    manifest: str  # key in the output storage
-    count: int
-    total_bytes: int
-    kind: str = "images"  # or "video": one video whose frames are the samples
-
-
-def is_image(key: str) -> bool:
-    return posixpath.splitext(key)[1].lower().lstrip(".") in IMAGE_EXTENSIONS
-
-
-def is_sample_source(key: str) -> bool:
-    """An image or a video: an object the pipeline takes samples from."""
-    return is_image(key) or is_video(key)
 
 
 def parse_patterns(text: str) -> list[tuple[bool, str]]:
@@ -110,17 +86,6 @@ def cut_shards(objects: Iterable[ObjectInfo], shard_size: int) -> Iterator[list[
             current = []
     if current:
         yield current
-
-
-def manifest_bytes(objects: list[ObjectInfo]) -> bytes:
-    return "".join(
-        json.dumps([o.key, o.size, o.version], separators=(",", ":")) + "\n" for o in objects
-    ).encode()
-
-
-def read_manifest(storage: Storage, key: str) -> list[ObjectInfo]:
-    lines = storage.read_text(key).splitlines()
-    return [ObjectInfo(*json.loads(line)) for line in lines if line]
 
 
 @dataclass

@@ -24,11 +24,13 @@ import numpy as np
 import timm
 import torch
 
-from tasks.caching import artifact_key, cached_step, step_key
-from tasks.check import CheckedShard, decode_image, model_input, npy_bytes, read_npy
-from tasks.describe import read_parquet_bytes
+from tasks.caching import cached_step
+from tasks.check import decode_image, model_input
 from tasks.device import pick_device
 from tasks.errors import CurateError
+from tasks.formats import npy_bytes, read_npy, read_parquet_bytes
+from tasks.keys import artifact_key, step_key
+from tasks.shards import CheckedShard, EmbeddedShard
 from tasks.storage import Storage, open_storage, process_objects
 from tasks.video import VideoError, decode_frames
 
@@ -248,16 +250,6 @@ def frame_inputs(source: Storage, metadata: Any, input_size: int) -> Iterator[np
             raise CurateError(f"{where}: changed during the run ({exc})") from None
     if part:
         yield np.stack(part)
-
-
-@dataclass(frozen=True)
-class EmbeddedShard:
-    shard_index: int
-    embeddings: str  # .npy, rows aligned with the check's metadata rows
-    count: int
-    bytes_read: int
-    seconds: float
-    retries: int = 0
 
 
 @cached_step("embed")

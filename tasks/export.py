@@ -18,15 +18,10 @@ import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
-from tasks.check import CheckedShard, read_npy
-from tasks.describe import (
-    METADATA_SCHEMA,
-    metadata_frame,
-    read_parquet_bytes,
-    to_parquet_bytes,
-)
-from tasks.embed import EmbeddedShard
+from tasks.describe import METADATA_SCHEMA, metadata_frame
+from tasks.formats import csv_field, read_npy, read_parquet_bytes, text_lines, to_parquet_bytes
 from tasks.frames import export_frames
+from tasks.shards import CheckedShard, EmbeddedShard, StepStats
 from tasks.storage import Storage
 
 RUN_METADATA_SCHEMA = METADATA_SCHEMA.add_columns(
@@ -35,17 +30,6 @@ RUN_METADATA_SCHEMA = METADATA_SCHEMA.add_columns(
         "selected": pa.Column(bool),
     }
 )
-
-
-@dataclass
-class StepStats:
-    """What a step cost in this run; cached shards cost nothing and are counted."""
-
-    seconds: float = 0.0
-    bytes_read: int = 0
-    retries: int = 0
-    shards: int = 0
-    cached_shards: int = 0
 
 
 @dataclass(frozen=True)
@@ -95,24 +79,11 @@ def _embedding_rows(
             numbers = io.StringIO()
             np.savetxt(numbers, vectors[block], fmt="%.7g", delimiter=",")  # C-speed
             rows = numbers.getvalue().splitlines()
-            lines = (
-                f"{_csv_field(names[i])},{row},0\n" for i, row in zip(block, rows, strict=True)
-            )
+            lines = (f"{csv_field(names[i])},{row},0\n" for i, row in zip(block, rows, strict=True))
             yield "".join(lines).encode()
 
 
 CSV_BLOCK = 1000  # rows formatted at a time
-
-
-def _csv_field(name: str) -> str:
-    """A file name as one CSV field (names may contain commas or quotes)."""
-    if any(c in name for c in ',"\n\r'):
-        return '"' + name.replace('"', '""') + '"'
-    return name
-
-
-def _lines(names: list[str]) -> bytes:
-    return "".join(f"{name}\n" for name in names).encode()
 
 
 def export(
@@ -165,10 +136,10 @@ def export(
     output.write_stream(
         f"{run}/data/embeddings.csv", _embedding_rows(output, checked, embedded, duplicates)
     )
-    output.write(f"{run}/filenames/selected_filenames.txt", _lines(selected))
+    output.write(f"{run}/filenames/selected_filenames.txt", text_lines(selected))
     all_corrupt = corrupt | corrupt_videos
-    output.write(f"{run}/filenames/corrupt_filenames.txt", _lines(sorted(all_corrupt)))
-    output.write(f"{run}/filenames/duplicate_filenames.txt", _lines(sorted(duplicates)))
+    output.write(f"{run}/filenames/corrupt_filenames.txt", text_lines(sorted(all_corrupt)))
+    output.write(f"{run}/filenames/duplicate_filenames.txt", text_lines(sorted(duplicates)))
     information = {"corrupt_samples": corrupt, "corrupt_videos": corrupt_videos}
     output.write_text(
         f"{run}/corruptness_check_information.json",

@@ -24,12 +24,14 @@ import pandas as pd
 from av.video.frame import VideoFrame
 from PIL import Image
 
-from tasks.caching import artifact_key, cached_step, step_key
-from tasks.check import CheckedShard, npy_chunks
-from tasks.describe import FrameFacts, describe_frames, metadata_frame, to_parquet_bytes
-from tasks.discover import Shard, read_manifest
+from tasks.caching import cached_step
+from tasks.describe import FrameFacts, describe_frames, metadata_frame
+from tasks.formats import npy_chunks, to_parquet_bytes
+from tasks.keys import artifact_key, step_key
+from tasks.naming import frame_name
+from tasks.shards import CheckedShard, Shard, read_manifest
 from tasks.storage import ObjectInfo, Storage, open_storage
-from tasks.video import VideoInfo, check_video, frame_name, probe, read_frames, to_rgb
+from tasks.video import VideoInfo, check_video, probe, read_frames, to_rgb
 
 # Bytes per sample in each plane of the pixel formats decoders commonly put out: a plane's
 # row holds `plane.width` samples, then the decoder's padding.

@@ -18,12 +18,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tasks.caching import artifact_key, cached_step, step_key
-from tasks.check import CheckedShard, npy_bytes, read_npy
+from tasks.caching import cached_step
 from tasks.config import StoppingCondition
-from tasks.describe import read_parquet_bytes
 from tasks.device import pick_device
-from tasks.embed import EmbeddedShard
+from tasks.formats import npy_bytes, read_npy, read_parquet_bytes
+from tasks.keys import artifact_key, step_key
+from tasks.shards import CheckedShard, EmbeddedShard
 from tasks.storage import Storage, open_storage
 
 # Typicality is measured against a seeded sample of this many reference points, which

@@ -60,8 +60,6 @@ from av.video.stream import VideoStream
 
 _Result = TypeVar("_Result")
 
-VIDEO_EXTENSIONS = frozenset({"mp4", "m4v", "mov", "avi", "mkv", "webm", "mpg", "mpeg"})
-
 # A decoded stream may end this much before the duration its container declares without
 # being called truncated: timestamps in Matroska are rounded to milliseconds and MPEG
 # durations are estimates, so a frame or two of slack keeps valid files valid.
@@ -75,46 +73,6 @@ class VideoError(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-def is_video(key: str) -> bool:
-    """Whether the key names a video, by extension, case-insensitively. A bare `.mp4` (a
-    hidden file, no name) is not one: its frames would have no name to parse back."""
-    stem, _, extension = key.rsplit("/", 1)[-1].rpartition(".")
-    return bool(stem) and extension.lower() in VIDEO_EXTENSIONS
-
-
-def frame_name(video_key: str, index: int) -> str:
-    """`video/street.mp4`, 40 -> `video/street-000040-mp4.png` (interface.md). Indices past
-    999,999 get more digits rather than wrapping."""
-    if not is_video(video_key):
-        raise ValueError(f"{video_key}: not a video name")
-    stem, extension = video_key.rsplit(".", 1)
-    return f"{stem}-{index:06d}-{extension}.png"
-
-
-def parse_frame_name(name: str) -> tuple[str, int] | None:
-    """The inverse of `frame_name`: (video key, frame index), or None for any other name.
-
-    Parsed from the right, because a video's own name may contain dashes and digits
-    (`cam-2-000001.mp4` has frame `cam-2-000001-000003-mp4.png`); the extension must be a
-    video extension (any case) and the index at least six digits."""
-    if not name.endswith(".png"):
-        return None
-    parts = name[: -len(".png")].rsplit("-", 2)
-    if len(parts) != 3:
-        return None
-    stem, digits, extension = parts
-    if (
-        not stem
-        or stem.endswith("/")
-        or extension.lower() not in VIDEO_EXTENSIONS
-        or len(digits) < 6
-        or not digits.isdigit()
-        or not digits.isascii()
-    ):
-        return None
-    return f"{stem}.{extension}", int(digits)
 
 
 @dataclass(frozen=True)

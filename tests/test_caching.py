@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from tasks.caching import content_key, step_key
-from tasks.check import CheckedShard
 from tasks.config import StoppingCondition
+from tasks.keys import content_key, step_key
+from tasks.shards import CheckedShard
 
 
 def _checked(seconds: float, bytes_read: int, metadata: str = "m") -> CheckedShard:
@@ -40,7 +40,7 @@ def test_pydantic_settings_are_hashed_by_value():
 
 
 def test_a_shards_position_in_the_listing_is_not_part_of_its_cache_key() -> None:
-    from tasks.discover import Shard
+    from tasks.shards import Shard
 
     here = Shard(0, "abc", "cache/shards/abc.jsonl", 10, 1000, "video")
     later = Shard(7, "abc", "cache/shards/abc.jsonl", 10, 1000, "video")

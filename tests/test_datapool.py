@@ -33,8 +33,8 @@ from tasks.datapool import (
     load_datapool,
     merge,
 )
-from tasks.describe import to_parquet_bytes
 from tasks.errors import CurateError
+from tasks.formats import to_parquet_bytes
 from tasks.storage import LocalStorage, ObjectInfo, Storage, open_storage
 
 MODEL = {"name": "resnet18", "weights": "ssl-run-1"}

@@ -8,12 +8,12 @@ from tasks.discover import (
     MAX_SHARD_FACTOR,
     cut_shards,
     discover,
-    is_image,
     is_relevant,
     parse_patterns,
-    read_manifest,
 )
 from tasks.errors import CurateError
+from tasks.naming import is_image
+from tasks.shards import read_manifest
 from tasks.storage import ObjectInfo, open_storage
 
 

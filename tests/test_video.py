@@ -18,16 +18,14 @@ import pytest
 from videos import VALID, long_video, make_video_folder, video_bytes, write_video
 
 from tasks import video
+from tasks.naming import frame_name, is_video, parse_frame_name
 from tasks.storage import open_ranges, open_storage
 from tasks.video import (
     FrameTable,
     VideoError,
     check_video,
     decode_frames,
-    frame_name,
     frame_table,
-    is_video,
-    parse_frame_name,
     probe,
     read_frames,
 )

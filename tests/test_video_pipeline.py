@@ -20,7 +20,7 @@ from videos import VALID, make_video_folder
 
 from flows.demo import digit_images, encode
 from tasks.frames import SAMPLE_BYTES, frame_crc
-from tasks.video import frame_name, parse_frame_name
+from tasks.naming import frame_name, parse_frame_name
 
 IMAGES = 3
 
@@ -230,8 +230,9 @@ def test_frames_of_a_kept_damaged_video_are_decoded_again_up_to_the_damage(tmp_p
     from videos import damaged_middle, video_bytes
 
     from tasks.embed import frame_inputs
+    from tasks.naming import frame_name
     from tasks.storage import open_storage
-    from tasks.video import _sequential, check_video, frame_name
+    from tasks.video import _sequential, check_video
 
     data = damaged_middle(video_bytes(VALID["clips/street.mp4"]))
     (tmp_path / "damaged.mp4").write_bytes(data)
