@@ -98,7 +98,8 @@ def bare_decode(path: Path, size: int, embed: object | None = None, batch: int =
 
 
 def embedder() -> object:
-    from tasks.embed import Embedder, build_model, resolve_weights
+    from tasks.embed import Embedder, build_model
+    from tasks.weights import resolve_weights
 
     device = torch.device("cpu")
     model = build_model("resnet18", resolve_weights(None, False, 0), None, device)
@@ -151,7 +152,7 @@ from flows.curate import curate
 from tasks.config import load_config
 args = [f"input={sys.argv[1]}", f"output={sys.argv[2]}", "stopping_condition.n_samples=50",
         f"embedding.input_size={sys.argv[3]}"]
-run = curate(load_config(None, args))
+run = curate(**load_config(None, args).sections())
 print(json.load(open(run + "/report.json"))["counts"]["frames"], peak())
 """
 )

@@ -14,6 +14,6 @@ def timed_curate(overrides: list[str]) -> tuple[float, dict]:
     from tasks.config import load_config
 
     started = time.perf_counter()
-    run_dir = curate(load_config(None, overrides))
+    run_dir = curate(**load_config(None, overrides).sections())
     seconds = time.perf_counter() - started
     return seconds, json.loads((Path(run_dir) / "report.json").read_text())

@@ -1,7 +1,9 @@
 """`curate run [CONFIG.yaml] [KEY=VALUE ...]` and `curate sanity-check`.
 
 A user error is one line on stderr and a non-zero exit (2 for the config, 1 for the rest),
-never a traceback. The last line of stdout of a run is `run: <run directory>`.
+never a traceback. The last line of stdout of a run is `run: <run directory>`. The config
+and the storage are checked before Prefect, torch or timm are imported, so a typo costs
+well under two seconds.
 """
 
 from __future__ import annotations
@@ -10,16 +12,21 @@ import argparse
 import logging
 import os
 import sys
+import textwrap
 import time
+from importlib.metadata import version
 
-# Quiet, private defaults for a local run, before Prefect reads its settings.
+# Private defaults, before Prefect reads its settings: no analytics; the console shows
+# warnings and errors only (this CLI prints its own summary), the Prefect API (the UI)
+# still gets every INFO line.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
 
-from tasks.errors import CurateError  # noqa: E402
+from tasks.errors import ConfigError, CurateError  # noqa: E402
 
 
 def _run(args: list[str]) -> int:
+    from flows.preflight import preflight
     from tasks.config import load_config
 
     config_file = None
@@ -27,42 +34,29 @@ def _run(args: list[str]) -> int:
         config_file, args = args[0], args[1:]
     try:
         config = load_config(config_file, args)
+        preflight(config)
     except CurateError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(exc, ConfigError) else 1
 
-    from flows.curate import curate, preflight
+    from flows.artifacts import summary_line
+    from flows.curate import curate
+    from tasks.storage import open_storage
 
     _hide_user_errors_from_console()
     try:
-        preflight(config)
-        run_dir = curate(config)
+        run_dir = curate(**config.sections())
     except CurateError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(_summary(config.output, run_dir))
+        return 2 if isinstance(exc, ConfigError) else 1
+    import json
+
+    run_id = run_dir.rstrip("/").rsplit("/", 1)[-1]
+    report = json.loads(open_storage(config.output).read_text(f"runs/{run_id}/report.json"))
+    print(summary_line(report))
     print(f"report: {run_dir}/report.json")
     print(f"run: {run_dir}")
     return 0
-
-
-def _summary(output_url: str, run_dir: str) -> str:
-    """One line on what the run did, from its report."""
-    import json
-
-    from tasks.storage import open_storage
-
-    run_id = run_dir.rstrip("/").rsplit("/", 1)[-1]
-    report = json.loads(open_storage(output_url).read_text(f"runs/{run_id}/report.json"))
-    counts = report["counts"]
-    videos = f" ({counts['videos']} videos, {counts['frames']} frames)" if counts["videos"] else ""
-    return (
-        f"processed {counts['processed']} objects{videos}, "
-        f"{counts['already_in_datapool']} already in the datapool: "
-        f"{counts['corrupt']} corrupt, {counts['duplicates']} duplicates, "
-        f"{counts['selected']} selected; datapool {report['datapool']['version']} "
-        f"holds {counts['datapool_size']} objects"
-    )
 
 
 class _UserErrorFilter(logging.Filter):
@@ -89,7 +83,8 @@ def _sanity_check() -> int:
 
     from flows.curate import package_versions
     from tasks.device import pick_device
-    from tasks.embed import Embedder, build_model, resolve_weights
+    from tasks.embed import Embedder, build_model
+    from tasks.weights import resolve_weights
 
     for name, value in package_versions().items():
         print(f"{name}: {value}")
@@ -119,10 +114,34 @@ def _sanity_check() -> int:
     return 0
 
 
+def _keys_help() -> str:
+    """Every config key with its default and description, from the config model."""
+    from tasks.config import key_help
+
+    lines = ["config keys (KEY=VALUE, or nested in the YAML file):"]
+    for key, default, description in key_help():
+        lines.append(f"  {key} [{default}]")
+        lines.extend(
+            textwrap.wrap(description, 88, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="curate", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"curate {version('curate-worker')}")
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="one pipeline run")
+    argv = sys.argv[1:] if argv is None else argv
+    wants_help = "run" in argv[:1] and ("-h" in argv or "--help" in argv)
+    run = commands.add_parser(
+        "run",
+        help="one pipeline run",
+        description="One pipeline run: a YAML config file (optional) and KEY=VALUE overrides "
+        "by dotted key, e.g. `curate run input=./photos output=./out "
+        "stopping_condition.n_samples=50`.",
+        epilog=_keys_help() if wants_help else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("args", nargs="*", metavar="[CONFIG.yaml] KEY=VALUE")
     commands.add_parser("sanity-check", help="check the install")
     parsed = parser.parse_args(argv)

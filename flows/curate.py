@@ -11,31 +11,38 @@ Shards flow through check and embed as a stream: each shard's model inputs are e
 only. On a GPU the check of shard i+1 overlaps the embedding of shard i. Every step but
 discover and export is cached by content identity; the report says how many shards each
 step took from the cache.
+
+The flow's parameters are the config's top-level keys (one per section), so a deployment
+run can override one section and keep the rest. This module imports neither torch nor
+PyAV: a run with nothing new never pays for them, and a bad parameter fails at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import platform
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from prefect import flow, get_run_logger
-from prefect.exceptions import UnfinishedRun
-from prefect.futures import PrefectFuture
+from prefect.futures import PrefectConcurrentFuture, PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.artifacts import RunProgress, publish_run, summary_line
+from flows.preflight import apply_credentials
 from tasks.caching import OutputResults
-from tasks.check import check_shard
-from tasks.config import CurateConfig
+from tasks.config import CurateConfig, as_flow_parameters, parse_config
 from tasks.datapool import (
     Datapool,
     DatapoolLock,
@@ -46,29 +53,22 @@ from tasks.datapool import (
     prior_for,
     run_outcome,
 )
-from tasks.dedup import dedup
-from tasks.device import default_input_size, pick_device
-from tasks.discover import (
-    Discovery,
-    Shard,
-    discover_shards,
-    load_patterns,
-)
-from tasks.embed import Weights, check_model_name, embed_shard, resolve_weights
+from tasks.discover import Discovery, discover_shards, load_patterns
 from tasks.errors import CurateError
-from tasks.export import (
-    RunSummary,
-    export,
-    point_latest,
-    write_report,
-)
+from tasks.export import Exported, RunSummary, export, point_latest, write_report
 from tasks.formats import npy_bytes, read_npy, to_parquet_bytes
-from tasks.frames import check_video_shard
 from tasks.keys import CACHE_PREFIX, PIPELINE_VERSION, artifact_key
-from tasks.naming import is_sample_source
-from tasks.select import select_samples
-from tasks.shards import CheckedShard, EmbeddedShard, StepStats, read_manifest
-from tasks.storage import LocalStorage, ObjectInfo, Storage, open_storage
+from tasks.shards import CheckedShard, EmbeddedShard, Shard, StepStats, read_manifest
+from tasks.storage import LocalStorage, Storage, open_storage
+from tasks.weights import Weights, resolve_weights
+
+if TYPE_CHECKING:
+    import torch
+
+# How many corrupt files the flow log names (all are in corrupt_filenames.txt).
+LOGGED_CORRUPT = 10
+# A dead deployment run's slot on its output comes back when its lease expires.
+OUTPUT_SLOT_LEASE_SECONDS = 60
 
 
 def new_run_id() -> str:
@@ -87,7 +87,174 @@ def num_workers(setting: int) -> int:
     return (os.cpu_count() or 1) if setting == -1 else max(1, setting)
 
 
-def _result_storage(output: Storage) -> Path | OutputResults:
+def run_name() -> str:
+    """Flow runs are named after their deployment (or `curate`), start time and input:
+    `incremental 2026-12-01 09:00 s3://raw/cam1`."""
+    from prefect.runtime import deployment, flow_run
+
+    started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    source = flow_run.parameters.get("input", "")
+    return f"{deployment.name or 'curate'} {started} {source}"
+
+
+def output_limit_name(output_url: str) -> str:
+    """The global concurrency limit that keeps deployment runs on one output apart."""
+    return f"curate-output-{hashlib.sha256(output_url.encode()).hexdigest()[:16]}"
+
+
+@contextlib.contextmanager
+def one_run_per_output(output_url: str, logger: Any) -> Iterator[None]:
+    """Deployment runs on one output queue behind each other, whichever deployment they
+    come from (`full`, `incremental`, `local`): a Prefect global concurrency limit of 1
+    named after the output, created on first use. A run that died gives its slot back
+    when its lease expires. Runs outside a deployment (`curate run`) rely on the
+    datapool lock alone, which fails fast with the holder's name."""
+    from prefect.runtime import deployment
+
+    if deployment.id is None:
+        yield
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    name = output_limit_name(output_url)
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):  # another run made it just now
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=name, limit=1)
+                )
+    waited = time.monotonic()
+    with concurrency(
+        name,
+        occupy=1,
+        strict=True,
+        lease_duration=OUTPUT_SLOT_LEASE_SECONDS,
+        raise_on_lease_renewal_failure=False,
+    ):
+        if time.monotonic() - waited > 1:
+            logger.info(
+                "waited %.0f s for other runs on %s (concurrency limit %s)",
+                time.monotonic() - waited,
+                output_url,
+                name,
+            )
+        yield
+
+
+@flow(
+    name="curate",
+    flow_run_name=run_name,
+    task_runner=ThreadPoolTaskRunner(max_workers=4),  # type: ignore[arg-type]
+    persist_result=False,
+)
+@as_flow_parameters
+def curate(**sections: Any) -> str:
+    """Curate `input` into `output`; returns the run directory's URL.
+
+    Only objects the datapool does not hold with the same identity are processed, and
+    selection counts what the datapool selected before. The run holds the datapool's
+    lock throughout and commits the datapool last, in one atomic step."""
+    config = parse_config(sections)  # each section is valid; this checks rules across them
+    logger = get_run_logger()
+    apply_credentials(config.storage.credentials_secret)
+    output = open_storage(config.output)
+    run_id = new_run_id()
+    stale = config.datapool.lock_stale_after_seconds
+    with (
+        one_run_per_output(config.output, logger),
+        DatapoolLock(output, f"curate run {run_id}", stale_after=stale),
+    ):
+        return _curate(config, output, run_id, logger)
+
+
+def _curate(config: CurateConfig, output: Storage, run_id: str, logger: Any) -> str:
+    started = time.perf_counter()
+    progress = RunProgress(config.output)
+    pool = load_datapool(output)
+    repair_latest(output, pool, logger)
+    process_all = config.datasource.process_all
+    logger.info(
+        "datapool: %s (%d objects, %d selected samples)%s",
+        pool.version or "none yet",
+        pool.size,
+        len(pool.selected),
+        "; ignored: process_all" if process_all else "",
+    )
+    streams = stream_shards(config, output, pool, progress, logger)
+    steps = {"discover": streams.discover_stats()}
+    checked = streams.collect_checks(steps)
+    prior_key, prior_hashes_key = prior_artifacts(output, pool, streams.found, process_all)
+    duplicates_key = find_duplicates(config, checked, prior_hashes_key, streams, steps)
+    embedded = streams.collect_embeddings(steps)
+    picked = select(config, checked, embedded, duplicates_key, prior_key, streams, steps)
+    log_steps(steps, logger)
+    duplicates = json.loads(output.read(duplicates_key)) if duplicates_key else {}
+    summary = RunSummary(
+        run_id=run_id,
+        config=config.model_dump(mode="json"),
+        discovered=streams.found.discovered + streams.found.known,
+        processed=streams.found.discovered,
+        skipped=streams.found.skipped,
+        dataset_bytes=streams.found.total_bytes,
+        steps=steps,
+        embedding=streams.embedding_report(config),
+        versions=package_versions(),
+    )
+    source = open_storage(config.input)
+    exported = export(output, source, summary, checked, embedded, duplicates, picked, started)
+    run_dir = commit_run(config, output, pool, streams, exported, duplicates, picked, run_id)
+    log_outcome(exported, run_dir, logger)
+    publish_run(exported.report, exported.corrupt, run_dir)
+    progress.finish()
+    return run_dir
+
+
+@dataclass(frozen=True)
+class EmbeddingPlan:
+    """How this run embeds. Decided when the first shard arrives, so that a run with
+    nothing new never imports torch or timm."""
+
+    device: torch.device
+    input_size: int
+    weights: Weights
+    identity: dict[str, Any]  # what makes embeddings comparable (the datapool's model)
+
+
+def plan_embedding(config: CurateConfig) -> EmbeddingPlan:
+    from tasks.device import default_input_size, pick_device
+    from tasks.embed import check_model_name
+
+    emb = config.embedding
+    device = pick_device(emb.device)
+    check_model_name(emb.model)
+    input_size = emb.input_size or default_input_size(device)
+    weights = resolve_weights(emb.checkpoint, emb.pretrained, config.seed)
+    identity = {
+        "model": emb.model,
+        "weights": weights.source,
+        "weights_identity": weights.identity,
+        "input_size": input_size,
+    }
+    return EmbeddingPlan(device, input_size, weights, identity)
+
+
+def check_model(pool: Datapool, identity: dict[str, Any], output: Storage) -> None:
+    """Embeddings of another model cannot be compared with the datapool's: refuse, and
+    say how to go on (re-embedding them would mean re-reading every selected sample)."""
+    if pool.model is not None and len(pool.selected) and pool.model != identity:
+        raise CurateError(
+            f"datapool {output.join('datapool')}: its {len(pool.selected)} selected "
+            f"samples were embedded with {pool.model}, this run uses {identity}; run with "
+            "datasource.process_all=true to rebuild it with this model, or use another output"
+        )
+
+
+def result_storage(output: Storage) -> Path | OutputResults:
     """Prefect's cache records live next to the artifacts they point to, so deleting the
     output deletes both, and a cache hit never points at a missing file."""
     if isinstance(output, LocalStorage):
@@ -101,98 +268,318 @@ def _result_storage(output: Storage) -> Path | OutputResults:
     return block
 
 
-def listing(
-    config: CurateConfig, found: Discovery, is_known: Callable[[ObjectInfo], bool] | None
-) -> Iterator[Shard]:
-    """The discover step. It runs in the flow itself, not as a task, so that each shard
-    is submitted the moment its manifest is written and a bucket of millions of keys is
-    being worked on while it is still being listed; the storage layer retries transient
-    listing failures. Never cached: listing is how a run learns what is new."""
-    source, output = open_storage(config.input), open_storage(config.output)
+class Streams:
+    """The check and embed task runs of every shard, submitted while the input is still
+    being listed; collected in shard order."""
+
+    def __init__(self, found: Discovery, progress: RunProgress, output: Storage) -> None:
+        self.found = found
+        self.progress = progress
+        self.results = result_storage(output)
+        self.plan: EmbeddingPlan | None = None
+        self.checks: list[PrefectFuture[CheckedShard]] = []
+        self.embeds: list[PrefectFuture[EmbeddedShard]] = []
+
+    def discover_stats(self) -> StepStats:
+        found = self.found
+        return StepStats(seconds=found.seconds, retries=found.retries, shards=len(found.shards))
+
+    def _finished(self) -> int:
+        """Step runs finished so far (asked without an API call)."""
+        futures = [*self.checks, *self.embeds]
+        return sum(
+            1 for f in futures if cast(PrefectConcurrentFuture[Any], f).wrapped_future.done()
+        )
+
+    def collect_checks(self, steps: dict[str, StepStats]) -> list[CheckedShard]:
+        from prefect.exceptions import UnfinishedRun
+
+        try:
+            return self._collect(self.checks, steps.setdefault("check", StepStats()))
+        except UnfinishedRun:
+            # On a CPU a check waits for the previous embedding: when that failed, the
+            # check never ran. Raise the embedding's own error, not "check not finished".
+            for future in self.embeds:
+                if future.state.is_failed() or future.state.is_crashed():
+                    future.result()
+            raise
+
+    def collect_embeddings(self, steps: dict[str, StepStats]) -> list[EmbeddedShard]:
+        return self._collect(self.embeds, steps.setdefault("embed", StepStats()))
+
+    def _collect(self, futures: list[PrefectFuture[Any]], stats: StepStats) -> list[Any]:
+        """Results in order, with this run's cost of the step added to `stats`; the
+        progress artifact moves as they finish."""
+        results = []
+        for future in futures:
+            result = future.result()
+            stats.shards += 1
+            if future.state.name == "Cached":
+                stats.cached_shards += 1
+            else:
+                stats.seconds += result.seconds
+                stats.bytes_read += result.bytes_read
+                stats.retries += result.retries
+            results.append(result)
+            self.progress.done = self._finished()
+            self.progress.update()
+        return results
+
+    def embedding_report(self, config: CurateConfig) -> dict[str, Any]:
+        if self.plan is None:
+            return {"model": config.embedding.model, "weights": None, "device": None}
+        return {
+            "model": config.embedding.model,
+            "weights": self.plan.weights.describe(),
+            "input_size": self.plan.input_size,
+            "device": str(self.plan.device),
+        }
+
+
+def stream_shards(
+    config: CurateConfig, output: Storage, pool: Datapool, progress: RunProgress, logger: Any
+) -> Streams:
+    """The discover step, with each shard's check and embed submitted the moment its
+    manifest is written: a bucket of millions of keys is worked on while it is still
+    being listed. Discover runs in the flow itself, never cached: listing is how a run
+    learns what is new; the storage layer retries transient listing failures."""
+    source = open_storage(config.input)
     patterns = None
     if config.datasource.relevant_filenames_file:
         patterns = load_patterns(config.datasource.relevant_filenames_file, source, output)
-    return discover_shards(source, output, config.shard_size, patterns, found, is_known)
+    streams = Streams(Discovery(), progress, output)
+    is_known = None if config.datasource.process_all else pool.is_known
+    shards = discover_shards(source, output, config.shard_size, patterns, streams.found, is_known)
+    for shard in shards:
+        if streams.plan is None:
+            # Only a run with something new pays for torch, timm and PyAV.
+            from tasks.check import check_shard
+            from tasks.embed import embed_shard
+            from tasks.frames import check_video_shard
 
-
-# Environment variables a credentials secret may set: the cloud clients' own.
-CREDENTIAL_PREFIXES = ("AWS_", "AZURE_", "GOOGLE_", "GCS", "STORAGE_EMULATOR_HOST")
-
-
-def apply_credentials(secret_name: str | None) -> None:
-    """Put a Prefect Secret's credentials into this process's environment, where the
-    cloud clients look for them. Values are never logged or reported."""
-    if not secret_name:
-        return
-    from prefect.blocks.system import Secret
-
-    try:
-        values = Secret.load(secret_name, _sync=True).get()  # type: ignore[call-arg, union-attr]
-    except Exception as exc:
-        raise CurateError(
-            f"storage.credentials_secret: cannot load Prefect Secret '{secret_name}' "
-            f"({type(exc).__name__})"
-        ) from None
-    if not isinstance(values, dict) or not all(
-        isinstance(k, str) and k.startswith(CREDENTIAL_PREFIXES) for k in values
-    ):
-        raise CurateError(
-            f"storage.credentials_secret: Secret '{secret_name}' must be a JSON object of "
-            f"cloud environment variables ({', '.join(CREDENTIAL_PREFIXES)}...)"
-        )
-    os.environ.update({key: str(value) for key, value in values.items()})
-
-
-def preflight(config: CurateConfig) -> None:
-    """Fail fast, with one line naming the key or URL, before any Prefect run starts."""
-    apply_credentials(config.storage.credentials_secret)
-    output = open_storage(config.output)
-    output.exists("LATEST")  # reachable, with working credentials
-    source = open_storage(config.input)
-    if not any(is_sample_source(obj.key) for obj in source.list()):
-        raise CurateError(f"input {config.input}: no images or videos found")
-    if config.datasource.relevant_filenames_file:
-        load_patterns(config.datasource.relevant_filenames_file, source, output)
-    pick_device(config.embedding.device)
-    check_model_name(config.embedding.model)
-    resolve_weights(config.embedding.checkpoint, config.embedding.pretrained, config.seed)
-
-
-def _collect(futures: list[PrefectFuture[Any]], stats: StepStats) -> list[Any]:
-    """Results in order, with this run's cost of the step added to `stats`."""
-    results = []
-    for future in futures:
-        result = future.result()
-        stats.shards += 1
-        if future.state.name == "Cached":
-            stats.cached_shards += 1
+            streams.plan = plan_embedding(config)
+            if not config.datasource.process_all:
+                check_model(pool, streams.plan.identity, output)
+            plan = streams.plan
+            logger.info(
+                "embedding: %s on %s at %d px, weights: %s",
+                config.embedding.model,
+                plan.device,
+                plan.input_size,
+                plan.weights.describe(),
+            )
+        plan = streams.plan
+        # On a GPU, checking shard i+1 (CPU) overlaps embedding shard i. On a CPU both
+        # want every core, and torch's threads slow down badly when decoding threads
+        # preempt them, so there each shard's check waits for the previous embedding.
+        overlap = plan.device.type == "cuda"
+        wait_for = [] if overlap or not streams.embeds else [streams.embeds[-1]]
+        workers = num_workers(config.num_workers)
+        step_options = _task_options(shard, streams.results)
+        if shard.kind == "video":
+            checked = check_video_shard.with_options(**step_options("check")).submit(  # type: ignore[call-overload]
+                shard,
+                config.input,
+                config.output,
+                plan.input_size,
+                config.every_nth_frame,
+                config.datasource.use_frame_count_metadata,
+                config.corruptness_check.keep_decodable_frames,
+                config.shard_size,
+                wait_for=wait_for,
+            )
         else:
-            stats.seconds += result.seconds
-            stats.bytes_read += result.bytes_read
-            stats.retries += result.retries
-        results.append(result)
-    return results
-
-
-def model_identity(model: str, weights: Weights, input_size: int) -> dict[str, Any]:
-    """What makes embeddings comparable: the same model, weights and input size."""
-    return {
-        "model": model,
-        "weights": weights.source,
-        "weights_identity": weights.identity,
-        "input_size": input_size,
-    }
-
-
-def check_model(pool: Datapool, identity: dict[str, Any], output: Storage) -> None:
-    """Embeddings of another model cannot be compared with the datapool's: refuse, and
-    say how to go on (re-embedding them would mean re-reading every selected sample)."""
-    if pool.model is not None and len(pool.selected) and pool.model != identity:
-        raise CurateError(
-            f"datapool {output.join('datapool')}: its {len(pool.selected)} selected "
-            f"samples were embedded with {pool.model}, this run uses {identity}; run with "
-            "datasource.process_all=true to rebuild it with this model, or use another output"
+            checked = check_shard.with_options(**step_options("check")).submit(  # type: ignore[call-overload]
+                shard,
+                config.input,
+                config.output,
+                config.corruptness_check.max_image_pixels,
+                config.enable_corruptness_check,
+                plan.input_size,
+                workers,
+                wait_for=wait_for,
+            )
+        streams.checks.append(checked)
+        emb = config.embedding
+        streams.embeds.append(
+            embed_shard.with_options(**step_options("embed")).submit(  # type: ignore[call-overload]
+                checked,
+                config.input,
+                config.output,
+                emb.model,
+                plan.weights,
+                emb.checkpoint,
+                plan.input_size,
+                str(plan.device),
+                emb.batch_size,
+                workers,
+            )
         )
+        progress.shards = len(streams.checks)
+        progress.update()
+    progress.listed = True
+    progress.update()
+    found = streams.found
+    logger.info(
+        "discovered %d new images and %d new videos in %d shards; %d unchanged objects "
+        "already in the datapool, %d other objects skipped",
+        found.discovered - found.videos,
+        found.videos,
+        len(found.shards),
+        found.known,
+        found.skipped,
+    )
+    return streams
+
+
+def _task_options(shard: Shard, results: Path | OutputResults) -> Callable[[str], dict[str, Any]]:
+    """Task runs named by step and shard (`check shard 3 (a.jpg .. k.jpg, 2000 images)`),
+    tagged with the step and where it runs."""
+
+    def options(step: str) -> dict[str, Any]:
+        return {
+            "task_run_name": f"{step} {shard.title}",
+            "tags": {f"step:{step}", "pool:local"},
+            "result_storage": results,
+        }
+
+    return options
+
+
+def prior_artifacts(
+    output: Storage, pool: Datapool, found: Discovery, process_all: bool
+) -> tuple[str | None, str | None]:
+    """What this run selects against: the datapool's picks (embeddings, and hashes for
+    dedup), less the objects it processes again."""
+    if process_all:
+        return None, None
+    prior, prior_hashes = prior_for(pool, found.keys)
+    prior_key = write_artifact(output, "prior", npy_bytes(prior), ".npy") if len(prior) else None
+    hashes_key = None
+    if len(prior_hashes):
+        hashes_key = write_artifact(output, "prior", to_parquet_bytes(prior_hashes), ".parquet")
+    return prior_key, hashes_key
+
+
+def write_artifact(output: Storage, step: str, data: bytes, suffix: str) -> str:
+    """Store `data` under a key named by its content (so cache keys that name the key
+    change exactly when the content does)."""
+    key = artifact_key(step, hashlib.sha256(data).hexdigest()[:32], suffix)
+    if not output.exists(key):
+        output.write(key, data)
+    return key
+
+
+def find_duplicates(
+    config: CurateConfig,
+    checked: list[CheckedShard],
+    prior_hashes_key: str | None,
+    streams: Streams,
+    steps: dict[str, StepStats],
+) -> str | None:
+    """The dedup step: the key of its {duplicate: kept} JSON, or None when off."""
+    if not config.remove_exact_duplicates or not checked:
+        return None
+    from tasks.dedup import dedup
+
+    started = time.perf_counter()
+    future = dedup.with_options(
+        result_storage=streams.results, tags={"step:dedup", "pool:local"}
+    ).submit(
+        checked,
+        config.output,
+        include_frames=not config.selected_sequence_length,
+        prior_key=prior_hashes_key,
+    )
+    key: str = future.result()
+    steps["dedup"] = _single_step(future, time.perf_counter() - started)
+    return key
+
+
+def select(
+    config: CurateConfig,
+    checked: list[CheckedShard],
+    embedded: list[EmbeddedShard],
+    duplicates_key: str | None,
+    prior_key: str | None,
+    streams: Streams,
+    steps: dict[str, StepStats],
+) -> dict[str, Any]:
+    """The select step: `selected` names in pick order, their `embeddings` key,
+    `sequences`."""
+    if not checked or streams.plan is None:
+        return {"selected": [], "sequences": []}
+    from tasks.select import select_samples
+
+    started = time.perf_counter()
+    future = select_samples.with_options(
+        result_storage=streams.results, tags={"step:select", "pool:local"}
+    ).submit(
+        checked,
+        embedded,
+        duplicates_key,
+        config.output,
+        config.selection.strategy,
+        config.stopping_condition,
+        config.seed,
+        str(streams.plan.device),
+        config.selected_sequence_length,
+        prior_key,
+    )
+    picked: dict[str, Any] = json.loads(open_storage(config.output).read(future.result()))
+    steps["select"] = _single_step(future, time.perf_counter() - started)
+    return picked
+
+
+def _single_step(future: PrefectFuture[Any], seconds: float) -> StepStats:
+    if future.state.name == "Cached":
+        return StepStats(shards=1, cached_shards=1)
+    return StepStats(seconds=seconds, shards=1)
+
+
+def commit_run(
+    config: CurateConfig,
+    output: Storage,
+    pool: Datapool,
+    streams: Streams,
+    exported: Exported,
+    duplicates: dict[str, str],
+    picked: dict[str, Any],
+    run_id: str,
+) -> str:
+    """The datapool, last: this run's outcome merged in, published by one atomic write.
+    The report first, then the commit, then LATEST: once the datapool holds this run's
+    picks, its run directory is complete, and LATEST is repaired by the next run if the
+    process dies before writing it (`repair_latest`). Returns the run directory."""
+    found, process_all = streams.found, config.datasource.process_all
+    version, datapool_size = pool.version, pool.size
+    merged: Datapool | None = None
+    if found.shards or process_all:
+        outcome = run_outcome(
+            [obj for shard in found.shards for obj in read_manifest(output, shard.manifest)],
+            exported.metadata,
+            exported.corrupt,
+            duplicates,
+            picked["selected"],
+            read_npy(output, picked["embeddings"]) if picked["selected"] else np.zeros((0, 0)),
+            run_id,
+        )
+        identity = streams.plan.identity if streams.plan else pool.model or {}
+        base = Datapool.empty() if process_all else pool
+        merged = merge(base, outcome.objects, outcome.selected, outcome.embeddings, identity)
+        version = next_version(output, pool)
+        datapool_size = merged.size
+    exported.report["counts"]["datapool_size"] = datapool_size
+    exported.report["counts"]["already_in_datapool"] = found.known
+    exported.report["datapool"] = {
+        "version": version,
+        "previous": pool.version,
+        "process_all": process_all,
+    }
+    write_report(output, exported)
+    if merged is not None:
+        commit(output, pool, merged, run_id, config.datapool.keep_history, version)
+    return point_latest(output, exported)
 
 
 def repair_latest(output: Storage, pool: Datapool, logger: Any) -> None:
@@ -210,171 +597,7 @@ def repair_latest(output: Storage, pool: Datapool, logger: Any) -> None:
         output.write_text("LATEST", pool.run_id + "\n")
 
 
-def write_artifact(output: Storage, step: str, data: bytes, suffix: str) -> str:
-    """Store `data` under a key named by its content (so cache keys that name the key
-    change exactly when the content does)."""
-    key = artifact_key(step, hashlib.sha256(data).hexdigest()[:32], suffix)
-    if not output.exists(key):
-        output.write(key, data)
-    return key
-
-
-@flow(name="curate", task_runner=ThreadPoolTaskRunner(max_workers=4))  # type: ignore[arg-type]
-def curate(config: CurateConfig) -> str:
-    """Curate `config.input` into `config.output`; returns the run directory's URL.
-
-    Only objects the datapool does not hold with the same identity are processed, and
-    selection counts what the datapool selected before. The run holds the datapool's
-    lock throughout and commits the datapool last, in one atomic step."""
-    apply_credentials(config.storage.credentials_secret)
-    output = open_storage(config.output)
-    run_id = new_run_id()
-    with DatapoolLock(
-        output, f"curate run {run_id}", stale_after=config.datapool.lock_stale_after_seconds
-    ):
-        return _curate(config, output, run_id)
-
-
-def _curate(config: CurateConfig, output: Storage, run_id: str) -> str:
-    logger = get_run_logger()
-    started = time.perf_counter()
-    results = _result_storage(output)
-    device = pick_device(config.embedding.device)
-    input_size = config.embedding.input_size or default_input_size(device)
-    emb = config.embedding
-    weights = resolve_weights(emb.checkpoint, emb.pretrained, config.seed)
-    logger.info(
-        "embedding: %s on %s at %d px, weights: %s",
-        emb.model,
-        device,
-        input_size,
-        weights.describe(),
-    )
-    identity = model_identity(emb.model, weights, input_size)
-    pool = load_datapool(output)
-    repair_latest(output, pool, logger)
-    process_all = config.datasource.process_all
-    if not process_all:
-        check_model(pool, identity, output)
-    logger.info(
-        "datapool: %s (%d objects, %d selected samples)%s",
-        pool.version or "none yet",
-        pool.size,
-        len(pool.selected),
-        "; ignored: process_all" if process_all else "",
-    )
-    workers = num_workers(config.num_workers)
-    steps = {name: StepStats() for name in ("discover", "check", "dedup", "embed", "select")}
-
-    check = check_shard.with_options(result_storage=results)
-    check_videos = check_video_shard.with_options(result_storage=results)
-    embed = embed_shard.with_options(result_storage=results)
-    check_futures: list[PrefectFuture[CheckedShard]] = []
-    embed_futures: list[PrefectFuture[EmbeddedShard]] = []
-    # On a GPU, checking shard i+1 (CPU) overlaps embedding shard i. On a CPU both want
-    # every core, and torch's threads slow down badly when decoding threads preempt
-    # them, so there each shard's check waits for the previous shard's embedding.
-    overlap = device.type == "cuda"
-    found = Discovery()
-    for shard in listing(config, found, None if process_all else pool.is_known):
-        wait_for = [] if overlap or not embed_futures else [embed_futures[-1]]
-        if shard.kind == "video":
-            checked = check_videos.submit(  # type: ignore[call-overload]
-                shard,
-                config.input,
-                config.output,
-                input_size,
-                config.every_nth_frame,
-                config.datasource.use_frame_count_metadata,
-                config.corruptness_check.keep_decodable_frames,
-                config.shard_size,
-                wait_for=wait_for,
-            )
-        else:
-            checked = check.submit(  # type: ignore[call-overload]  # overload lacks wait_for
-                shard,
-                config.input,
-                config.output,
-                config.corruptness_check.max_image_pixels,
-                config.enable_corruptness_check,
-                input_size,
-                workers,
-                wait_for=wait_for,
-            )
-        check_futures.append(checked)
-        embed_futures.append(
-            embed.submit(  # type: ignore[call-overload]  # Prefect resolves the future
-                checked,
-                config.input,
-                config.output,
-                emb.model,
-                weights,
-                emb.checkpoint,
-                input_size,
-                str(device),
-                emb.batch_size,
-                workers,
-            )
-        )
-    steps["discover"] = StepStats(
-        seconds=found.seconds, retries=found.retries, shards=len(found.shards)
-    )
-    logger.info(
-        "discovered %d images and %d videos in %d shards (%d other objects skipped)",
-        found.discovered - found.videos,
-        found.videos,
-        len(found.shards),
-        found.skipped,
-    )
-    try:
-        checked_shards: list[CheckedShard] = _collect(check_futures, steps["check"])
-    except UnfinishedRun:
-        # On a CPU a check waits for the previous embedding: when that failed, the check
-        # never ran. Raise the embedding's own error, not "check not finished".
-        for future in embed_futures:
-            if future.state.is_failed() or future.state.is_crashed():
-                future.result()
-        raise
-    # What this run selects against: the datapool's picks, less the objects it redoes.
-    prior_key = prior_hashes_key = None
-    if not process_all:
-        prior, prior_hashes = prior_for(pool, found.keys)
-        if len(prior):
-            prior_key = write_artifact(output, "prior", npy_bytes(prior), ".npy")
-        if len(prior_hashes):
-            hashes = to_parquet_bytes(prior_hashes)
-            prior_hashes_key = write_artifact(output, "prior", hashes, ".parquet")
-
-    duplicates_key = None
-    if config.remove_exact_duplicates and checked_shards:
-        t = time.perf_counter()
-        dedup_future = dedup.with_options(result_storage=results).submit(
-            checked_shards,
-            config.output,
-            include_frames=not config.selected_sequence_length,
-            prior_key=prior_hashes_key,
-        )
-        duplicates_key = dedup_future.result()
-        _count_single(steps["dedup"], dedup_future, time.perf_counter() - t)
-    embedded: list[EmbeddedShard] = _collect(embed_futures, steps["embed"])
-
-    picked: dict[str, Any] = {"selected": [], "sequences": []}
-    if checked_shards:
-        t = time.perf_counter()
-        select_future = select_samples.with_options(result_storage=results).submit(
-            checked_shards,
-            embedded,
-            duplicates_key,
-            config.output,
-            config.selection.strategy,
-            config.stopping_condition,
-            config.seed,
-            str(device),
-            config.selected_sequence_length,
-            prior_key,
-        )
-        picked = json.loads(output.read(select_future.result()))
-        _count_single(steps["select"], select_future, time.perf_counter() - t)
+def log_steps(steps: dict[str, StepStats], logger: Any) -> None:
     for name, stats in steps.items():
         logger.info(
             "step %s: %d/%d shards from cache, %.2f s, %d bytes read",
@@ -385,67 +608,16 @@ def _curate(config: CurateConfig, output: Storage, run_id: str) -> str:
             stats.bytes_read,
         )
 
-    duplicates = json.loads(output.read(duplicates_key)) if duplicates_key else {}
-    summary = RunSummary(
-        run_id=run_id,
-        config=config.model_dump(mode="json"),
-        discovered=found.discovered + found.known,
-        processed=found.discovered,
-        skipped=found.skipped,
-        dataset_bytes=found.total_bytes,
-        steps=steps,
-        embedding={
-            "model": emb.model,
-            "weights": weights.describe(),
-            "input_size": input_size,
-            "device": str(device),
-        },
-        versions=package_versions(),
-    )
-    source = open_storage(config.input)
-    exported = export(
-        output, source, summary, checked_shards, embedded, duplicates, picked, started
-    )
 
-    # The datapool, last: this run's outcome merged in, published by one atomic write.
-    version = pool.version
-    datapool_size = pool.size
-    merged: Datapool | None = None
-    if found.shards or process_all:
-        outcome = run_outcome(
-            [obj for shard in found.shards for obj in read_manifest(output, shard.manifest)],
-            exported.metadata,
-            exported.corrupt,
-            duplicates,
-            picked["selected"],
-            read_npy(output, picked["embeddings"]) if picked["selected"] else np.zeros((0, 0)),
-            run_id,
+def log_outcome(exported: Exported, run_dir: str, logger: logging.Logger) -> None:
+    """The summary line, and the first corrupt files with their reasons."""
+    logger.info("%s", summary_line(exported.report))
+    corrupt = sorted(exported.corrupt.items())
+    for name, reason in corrupt[:LOGGED_CORRUPT]:
+        logger.info("corrupt: %s: %s", name, reason)
+    if len(corrupt) > LOGGED_CORRUPT:
+        logger.info(
+            "... and %d more corrupt files (filenames/corrupt_filenames.txt)",
+            len(corrupt) - LOGGED_CORRUPT,
         )
-        base = Datapool.empty() if process_all else pool
-        merged = merge(base, outcome.objects, outcome.selected, outcome.embeddings, identity)
-        version = next_version(output, pool)
-        datapool_size = merged.size
-    exported.report["counts"]["datapool_size"] = datapool_size
-    exported.report["counts"]["already_in_datapool"] = found.known
-    exported.report["datapool"] = {
-        "version": version,
-        "previous": pool.version,
-        "process_all": process_all,
-    }
-    # The report first, then the commit, then LATEST: once the datapool holds this run's
-    # picks, its run directory is complete, and LATEST is repaired by the next run if the
-    # process dies before writing it (`repair_latest`).
-    write_report(output, exported)
-    if merged is not None:
-        commit(output, pool, merged, run_id, config.datapool.keep_history, version)
-    run_dir = point_latest(output, exported)
-    logger.info("run written to %s; datapool %s holds %d objects", run_dir, version, datapool_size)
-    return run_dir
-
-
-def _count_single(stats: StepStats, future: PrefectFuture[Any], seconds: float) -> None:
-    stats.shards = 1
-    if future.state.name == "Cached":
-        stats.cached_shards = 1
-    else:
-        stats.seconds = seconds
+    logger.info("run written to %s (report: %s/report.json)", run_dir, run_dir)

@@ -13,11 +13,14 @@ import asyncio
 import contextlib
 import ctypes
 import functools
+import inspect
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any, ParamSpec, TypeVar
 
-from prefect import Task, task
+from prefect import Task, get_run_logger, task
 from prefect._internal.compatibility.async_dispatch import async_dispatch
+from prefect.exceptions import MissingContextError
 from prefect.filesystems import WritableFileSystem
 from prefect.tasks import exponential_backoff
 
@@ -93,23 +96,46 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _releasing(fn: Callable[P, R]) -> Callable[P, R]:
+_current_key: ContextVar[str] = ContextVar("current_step_key")
+
+
+def current_step_key() -> str:
+    """The cache key of the step run in progress (set by `cached_step`, from the same
+    arguments Prefect's cache key is made of): it names the step's artifacts."""
+    return _current_key.get()
+
+
+def _as_step(name: str, fn: Callable[P, R]) -> Callable[P, R]:
+    """`fn` with its cache key in `current_step_key`, a log line of what it did (the
+    result's `summary`, when it has one) and its freed memory given back."""
+    signature = inspect.signature(fn)
+
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        token = _current_key.set(step_key(name, dict(bound.arguments)))
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         finally:
+            _current_key.reset(token)
             release_memory()
+        summary = getattr(result, "summary", None)
+        if summary:
+            with contextlib.suppress(MissingContextError):  # called outside a run (tests)
+                get_run_logger().info("%s", summary)
+        return result
 
     return wrapper
 
 
 def cached_step(name: str, retries: int = 3) -> Callable[[Callable[P, R]], Task[P, R]]:
-    """A pipeline step as a Prefect task: content-identity cache, persisted result,
-    retries with backoff and jitter for transient failures only."""
+    """A pipeline step as a Prefect task named `name`: content-identity cache (the key
+    also names its artifacts: `current_step_key()`), persisted result, retries with
+    backoff and jitter for transient failures only, a log line per run."""
 
     def decorate(fn: Callable[P, R]) -> Task[P, R]:
-        return step_task(_releasing(fn))
+        return step_task(_as_step(name, fn))
 
     step_task = task(
         name=name,

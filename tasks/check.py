@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
-from tasks.caching import cached_step
+from tasks.caching import cached_step, current_step_key
 from tasks.describe import describe, metadata_frame
 from tasks.formats import npy_bytes, to_parquet_bytes
-from tasks.keys import artifact_key, step_key
+from tasks.keys import artifact_key
 from tasks.shards import CheckedShard, Shard, read_manifest
 from tasks.storage import ObjectInfo, Storage, open_storage, process_objects
 
@@ -202,7 +202,7 @@ def check_shard(
     num_workers: int,
 ) -> CheckedShard:
     """Check, describe and prepare model inputs for one shard, reading each object once."""
-    key = step_key("check", dict(locals()))
+    key = current_step_key()
     started = time.perf_counter()
     output, source = open_storage(output_url), open_storage(input_url)
     objects = read_manifest(output, shard.manifest)

@@ -7,13 +7,18 @@ an unknown key suggests the closest known one.
 from __future__ import annotations
 
 import difflib
+import inspect
+import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tasks.errors import CurateError
+from tasks.errors import ConfigError
+
+R = TypeVar("R")
 
 
 class _Section(BaseModel):
@@ -45,10 +50,11 @@ class DatapoolSettings(_Section):
         5, ge=1, description="Datapool versions kept (the current one included)."
     )
     lock_stale_after_seconds: float = Field(
-        3600.0,
+        90.0,
         gt=0,
         description="A datapool lock whose heartbeat is older than this is taken over "
-        "(its run died); a live run refreshes it every quarter of this.",
+        "(its run died on another machine); a live run refreshes it every tenth of this. "
+        "A lock held by a dead process on this machine is taken over at once.",
     )
 
 
@@ -77,6 +83,22 @@ class CorruptnessCheck(_Section):
 
 
 class StoppingCondition(_Section):
+    """How much to select. The JSON schema states the rule between the keys, so the
+    Prefect server refuses a run that breaks it before creating it."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "not": {
+                "required": ["n_samples", "proportion_samples"],
+                "properties": {
+                    "n_samples": {"type": "integer"},
+                    "proportion_samples": {"type": "number"},
+                },
+            }
+        },
+    )
+
     n_samples: int | None = Field(None, gt=0, description="How many samples to select.")
     proportion_samples: float | None = Field(
         None, gt=0, le=1, description="Fraction of the processed samples to select."
@@ -95,6 +117,21 @@ class StoppingCondition(_Section):
         return self
 
 
+Device = Literal[
+    "auto",
+    "cpu",
+    "cuda",
+    "cuda:0",
+    "cuda:1",
+    "cuda:2",
+    "cuda:3",
+    "cuda:4",
+    "cuda:5",
+    "cuda:6",
+    "cuda:7",
+]
+
+
 class Embedding(_Section):
     model: str = Field("resnet18", description="A timm model name.")
     input_size: int | None = Field(
@@ -105,8 +142,17 @@ class Embedding(_Section):
         "Model inputs are made during the corruptness check's single read, so "
         "changing this redoes that step too.",
     )
-    batch_size: int = Field(64, gt=0, le=4096)
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    batch_size: int = Field(
+        64,
+        gt=0,
+        le=4096,
+        description="Images per forward pass; larger is faster on a GPU until its memory "
+        "runs out. Does not change the embeddings.",
+    )
+    device: Device = Field(
+        "auto",
+        description="auto: the first CUDA GPU when there is one, else the CPU; cuda:N picks a GPU.",
+    )
     checkpoint: str | None = Field(
         None, description="A local .safetensors or .pth file with the backbone's weights."
     )
@@ -134,19 +180,30 @@ class CurateConfig(_Section):
 
     input: str = Field(description="Folder, file://, s3://, gs:// or az:// URL.")
     output: str = Field(description="Where runs, reports and the datapool go.")
-    datasource: Datasource = Datasource()
-    datapool: DatapoolSettings = DatapoolSettings()
-    storage: StorageSettings = StorageSettings()
+    datasource: Datasource = Field(Datasource(), description="What of the input to process.")
+    datapool: DatapoolSettings = Field(
+        DatapoolSettings(), description="The output's memory of earlier runs."
+    )
+    storage: StorageSettings = Field(StorageSettings(), description="Cloud credentials.")
     enable_corruptness_check: bool = Field(
         True,
         description="Decode every image fully and flag failures; when false, JPEGs are "
         "decoded at reduced size (faster) and only unreadable files are flagged.",
     )
-    corruptness_check: CorruptnessCheck = CorruptnessCheck()
-    remove_exact_duplicates: bool = True
-    stopping_condition: StoppingCondition = StoppingCondition()
-    embedding: Embedding = Embedding()
-    selection: Selection = Selection()
+    corruptness_check: CorruptnessCheck = Field(
+        CorruptnessCheck(), description="Limits and choices of the corruptness check."
+    )
+    remove_exact_duplicates: bool = Field(
+        True,
+        description="Drop byte- or pixel-identical copies before selection (the first name "
+        "is kept; copies of samples the datapool selected are duplicates too).",
+    )
+    stopping_condition: StoppingCondition = Field(
+        StoppingCondition(),
+        description="The budget: n_samples or proportion_samples (not both), and/or min_distance.",
+    )
+    embedding: Embedding = Field(Embedding(), description="The timm model that embeds samples.")
+    selection: Selection = Field(Selection(), description="How samples are picked.")
     every_nth_frame: int = Field(
         1, gt=0, description="Use frames 0, n, 2n, ... of each video as samples."
     )
@@ -163,7 +220,9 @@ class CurateConfig(_Section):
         "this many.",
     )
     num_workers: int = Field(-1, ge=-1, description="Decode threads; -1: one per vCPU.")
-    seed: int = 0
+    seed: int = Field(
+        0, description="Every random choice (weights, selection ties, sampling) follows it."
+    )
 
     @model_validator(mode="after")
     def _no_template(self) -> CurateConfig:
@@ -185,6 +244,50 @@ class CurateConfig(_Section):
                 "stopping_condition: set n_samples, proportion_samples or min_distance"
             )
         return self
+
+    def sections(self) -> dict[str, Any]:
+        """The top-level keys and their values (sections as models): the parameters of
+        the curate flow, `curate(**config.sections())`."""
+        return {name: getattr(self, name) for name in type(self).model_fields}
+
+
+def as_flow_parameters(fn: Callable[..., R]) -> Callable[..., R]:
+    """Give `fn(**sections)` one keyword parameter per top-level config key, typed,
+    constrained, defaulted and described by `CurateConfig` itself, so that Prefect's
+    parameter schema (the UI's form, the server's validation) is the config model and a
+    run's `--param stopping_condition=...` replaces one section, not the whole config."""
+    parameters = []
+    described = []
+    for name, field in CurateConfig.model_fields.items():
+        default = inspect.Parameter.empty if field.is_required() else field.get_default()
+        annotation: Any = field.annotation
+        if field.metadata:  # constraints (gt=0, ...) travel in the annotation
+            annotation = Annotated[(annotation, *field.metadata)]  # type: ignore[valid-type]
+        parameters.append(
+            inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
+            )
+        )
+        described.append(f"    {name}: {' '.join((field.description or '').split())}")
+    fn.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    # Prefect reads parameter descriptions from a Google-style docstring.
+    fn.__doc__ = (fn.__doc__ or "").rstrip() + "\n\nArgs:\n" + "\n".join(described) + "\n"
+    return fn
+
+
+def key_help() -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every leaf key, for `curate run --help`."""
+
+    def walk(model: type[BaseModel], prefix: str) -> Iterator[tuple[str, str, str]]:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                yield from walk(annotation, f"{prefix}{name}.")
+                continue
+            default = "required" if field.is_required() else json.dumps(field.get_default())
+            yield f"{prefix}{name}", default, " ".join((field.description or "").split())
+
+    return list(walk(CurateConfig, ""))
 
 
 def known_keys(model: type[BaseModel] = CurateConfig, prefix: str = "") -> list[str]:
@@ -219,6 +322,9 @@ def _unknown_keys(data: dict[str, Any], model: type[BaseModel], prefix: str = ""
 
 
 def _did_you_mean(key: str) -> str:
+    if key in known_keys():  # a dotted key written as one name in a YAML file
+        section, _, rest = key.partition(".")
+        return f"; in a YAML file write it nested ({section}: {{{rest}: ...}}) or pass {key}=..."
     match = difflib.get_close_matches(key, known_keys(), n=1, cutoff=0.5)
     return f"; did you mean '{match[0]}'?" if match else ""
 
@@ -227,16 +333,16 @@ def parse_config(data: dict[str, Any]) -> CurateConfig:
     """Validate a nested dict; raise CurateError naming the first bad key."""
     unknown = _unknown_keys(data, CurateConfig)
     if unknown:
-        raise CurateError(f"config: unknown key '{unknown[0]}'{_did_you_mean(unknown[0])}")
+        raise ConfigError(f"config: unknown key '{unknown[0]}'{_did_you_mean(unknown[0])}")
     try:
         return CurateConfig.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "config"
+        key = ".".join(str(p) for p in err["loc"])
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "missing":
             message = "required, e.g. " + ("input=./photos" if key == "input" else f"{key}=...")
-        raise CurateError(f"config: {key}: {message}") from None
+        raise ConfigError(f"config: {key}: {message}" if key else f"config: {message}") from None
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -246,7 +352,7 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     for section in sections:
         child = node.setdefault(section, {})
         if not isinstance(child, dict):
-            raise CurateError(f"config: {section} is a value, not a section (in '{key}')")
+            raise ConfigError(f"config: {section} is a value, not a section (in '{key}')")
         node = child
     node[leaf] = value
 
@@ -258,16 +364,16 @@ def load_config(path: str | Path | None, overrides: list[str]) -> CurateConfig:
         try:
             loaded = yaml.safe_load(Path(path).read_text())
         except OSError as exc:
-            raise CurateError(f"config file {path}: {exc.strerror}") from None
+            raise ConfigError(f"config file {path}: {exc.strerror}") from None
         except yaml.YAMLError as exc:
-            raise CurateError(f"config file {path}: not valid YAML ({exc})") from None
+            raise ConfigError(f"config file {path}: not valid YAML ({exc})") from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise CurateError(f"config file {path}: expected a mapping of keys")
+            raise ConfigError(f"config file {path}: expected a mapping of keys")
         data = loaded or {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise CurateError(f"argument '{item}': expected KEY=VALUE")
+            raise ConfigError(f"argument '{item}': expected KEY=VALUE")
         try:
             value = yaml.safe_load(raw) if raw else None
         except yaml.YAMLError:

@@ -316,27 +316,78 @@ def _prune(
         log.warning("datapool %s: pruning old versions failed (%s)", storage.join(DIR), exc)
 
 
+def _read_first_line(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.readline().strip()
+    except OSError:
+        return ""
+
+
+def _process_start(pid: int) -> str:
+    """When process `pid` started, in clock ticks since boot ("" when unknown): a pid
+    reused by a new process has another start."""
+    stat = _read_first_line(f"/proc/{pid}/stat")
+    fields = stat.rpartition(")")[2].split()  # the name in parentheses may hold spaces
+    return fields[19] if len(fields) > 19 else ""
+
+
+def _this_machine() -> dict[str, Any]:
+    """What identifies this boot of this machine: a lock written here can be judged by
+    its pid alone (hostnames repeat across containers; machine and boot ids do not)."""
+    return {
+        "host": socket.gethostname(),
+        "machine": _read_first_line("/etc/machine-id"),
+        "boot": _read_first_line("/proc/sys/kernel/random/boot_id"),
+    }
+
+
+def holder_is_dead(fields: dict[str, Any]) -> bool:
+    """Whether the process that wrote a lock provably no longer runs: it ran on this
+    machine (same machine id) and either the machine rebooted since or its pid is gone
+    or belongs to a newer process. A lock from elsewhere is never judged dead here."""
+    here = _this_machine()
+    if not here["machine"] or fields.get("machine") != here["machine"]:
+        return False
+    if fields.get("boot") != here["boot"]:
+        return True
+    pid = fields.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    started = fields.get("pid_start")
+    return bool(started) and _process_start(pid) not in ("", started)
+
+
 class DatapoolLock:
     """`with DatapoolLock(storage, owner):` one run at a time reads and commits the
-    datapool. The lock object carries a heartbeat that a daemon thread refreshes, so a
-    lock goes stale only when its holder died; the next run then takes it over.
-    Heartbeats compare the clocks of different machines: `stale_after` must dwarf skew."""
+    datapool. The lock object carries a heartbeat that a daemon thread refreshes every
+    `stale_after / 10`, like a lease: a lock goes stale only when its holder died, and
+    the next run takes it over. A holder on this machine whose process is gone (SIGKILL,
+    the OOM killer, a reboot) is dead at once; one on another machine after `stale_after`
+    without a heartbeat (which compares clocks: keep it well above their skew)."""
 
     def __init__(
         self,
         storage: Storage,
         owner: str,
-        stale_after: float = 3600.0,
+        stale_after: float = 90.0,
         heartbeat: float | None = None,
     ) -> None:
         self.storage, self.stale_after = storage, stale_after
-        self.heartbeat = heartbeat if heartbeat is not None else stale_after / 4
+        self.heartbeat = heartbeat if heartbeat is not None else stale_after / 10
         self.where = storage.join(DIR)
         # The token tells our lock from another's, even one of the same owner.
         self._fields: dict[str, Any] = {
             "owner": owner,
             "token": uuid.uuid4().hex,
-            "host": socket.gethostname(),
+            **_this_machine(),
+            "pid_start": _process_start(os.getpid()),
         }
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -365,14 +416,16 @@ class DatapoolLock:
             held = self._held()
             if held is not None:
                 age = time.time() - held[1]["heartbeat"]
-                if age <= self.stale_after:
+                dead = holder_is_dead(held[1])
+                if age <= self.stale_after and not dead:
                     raise CurateError(self._locked_message(held[1]))
-                owner = held[1].get("owner", "?")
                 log.warning(
-                    "datapool %s: taking over the lock of %s, silent for %.0f s",
+                    "datapool %s: taking over the lock of %s (%s)",
                     self.where,
-                    owner,
-                    age,
+                    held[1].get("owner", "?"),
+                    f"its process {held[1].get('pid')} is gone"
+                    if dead
+                    else f"silent for {age:.0f} s",
                 )
                 # Of two runs taking over one stale lock, the second finds it changed.
                 again = self._held()

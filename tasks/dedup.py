@@ -11,9 +11,9 @@ import json
 
 import pandas as pd
 
-from tasks.caching import cached_step
+from tasks.caching import cached_step, current_step_key
 from tasks.formats import read_parquet_bytes
-from tasks.keys import artifact_key, step_key
+from tasks.keys import artifact_key
 from tasks.shards import CheckedShard
 from tasks.storage import Storage, open_storage
 
@@ -61,7 +61,7 @@ def dedup(
     frames (`prior_key`: their names and hashes, Parquet); returns the key of a JSON map
     {duplicate: kept}. Without `include_frames` video frames are never duplicates (a
     selected sequence keeps every frame, repeated ones too)."""
-    key = step_key("dedup", dict(locals()))
+    key = current_step_key()
     output = open_storage(output_url)
     metadata = load_metadata(output, shards)
     if not include_frames and len(metadata):

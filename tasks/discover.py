@@ -148,7 +148,9 @@ def discover_shards(
         if not output_storage.exists(manifest):
             output_storage.write(manifest, data)
         total = sum(o.size for o in objects)
-        shard = Shard(index, identity, manifest, len(objects), total, kind)
+        shard = Shard(
+            index, identity, manifest, len(objects), total, kind, objects[0].key, objects[-1].key
+        )
         found.shards.append(shard)
         found.discovered += shard.count
         found.keys.update(o.key for o in objects)

@@ -10,13 +10,11 @@ random initialisation, and the report says which.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import math
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import closing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,48 +22,19 @@ import numpy as np
 import timm
 import torch
 
-from tasks.caching import cached_step
+from tasks.caching import cached_step, current_step_key
 from tasks.check import decode_image, model_input
 from tasks.device import pick_device
-from tasks.errors import CurateError
+from tasks.errors import ConfigError, CurateError
 from tasks.formats import npy_bytes, read_npy, read_parquet_bytes
-from tasks.keys import artifact_key, step_key
+from tasks.keys import artifact_key
 from tasks.shards import CheckedShard, EmbeddedShard
 from tasks.storage import Storage, open_storage, process_objects
 from tasks.video import VideoError, decode_frames
+from tasks.weights import Weights
 
 # Classifier weights a backbone checkpoint may carry; the embedding model has no head.
 _HEAD_PREFIXES = ("fc.", "head.", "classifier.", "head.fc.", "last_linear.")
-
-
-@dataclass(frozen=True)
-class Weights:
-    """Which weights a model gets, and an identity for cache keys."""
-
-    source: str  # "checkpoint", "pretrained" or "random"
-    identity: str  # checkpoint content hash, timm tag, or the seed
-
-    def describe(self) -> str:
-        if self.source == "random":
-            return f"random initialisation (seed {self.identity}): no checkpoint given"
-        if self.source == "pretrained":
-            return "timm pretrained weights (downloaded from the hub)"
-        return f"checkpoint (sha256 {self.identity[:12]})"
-
-
-def resolve_weights(checkpoint: str | None, pretrained: bool, seed: int) -> Weights:
-    if checkpoint:
-        path = Path(checkpoint).expanduser()
-        if not path.is_file():
-            raise CurateError(f"embedding.checkpoint: {checkpoint} is not a file")
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return Weights("checkpoint", digest.hexdigest())
-    if pretrained:
-        return Weights("pretrained", "timm-default")
-    return Weights("random", str(seed))
 
 
 def _load_state_dict(path: Path) -> dict[str, Any]:
@@ -108,7 +77,7 @@ def check_model_name(name: str) -> None:
     if not timm.is_model(name.split(".")[0]):
         close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=3)
         hint = f"; similar: {', '.join(close)}" if close else ""
-        raise CurateError(f"embedding.model: unknown timm model '{name}'{hint}")
+        raise ConfigError(f"embedding.model: unknown timm model '{name}'{hint}")
 
 
 def build_model(
@@ -266,7 +235,7 @@ def embed_shard(
     num_workers: int,
 ) -> EmbeddedShard:
     """Embed the valid images of one checked shard."""
-    key = step_key("embed", dict(locals()))
+    key = current_step_key()
     started = time.perf_counter()
     output, source = open_storage(output_url), open_storage(input_url)
     embedder = get_embedder(model, weights, checkpoint, pick_device(device))

@@ -9,3 +9,7 @@ Corrupt content is never a `CurateError`: it is data, recorded with its reason.
 
 class CurateError(Exception):
     """A user-facing error with a one-line message."""
+
+
+class ConfigError(CurateError):
+    """A bad config key or value (the CLI exits 2 for these, 1 for other user errors)."""

@@ -20,7 +20,6 @@ import pandera.pandas as pa
 
 from tasks.describe import METADATA_SCHEMA, metadata_frame
 from tasks.formats import csv_field, read_npy, read_parquet_bytes, text_lines, to_parquet_bytes
-from tasks.frames import export_frames
 from tasks.shards import CheckedShard, EmbeddedShard, StepStats
 from tasks.storage import Storage
 
@@ -120,7 +119,11 @@ def export(
     # Selected video frames become files of their own; selected images already are.
     frames = metadata[metadata["selected"] & metadata["video"].notna()]
     frames_started = time.perf_counter()
-    frame_bytes = export_frames(source, output, f"{run}/selected", frames)
+    frame_bytes = 0
+    if len(frames):
+        from tasks.frames import export_frames  # PyAV: only for runs that selected frames
+
+        frame_bytes = export_frames(source, output, f"{run}/selected", frames)
     summary.steps["export_frames"] = StepStats(
         seconds=time.perf_counter() - frames_started,
         bytes_read=frame_bytes,

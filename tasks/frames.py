@@ -24,10 +24,10 @@ import pandas as pd
 from av.video.frame import VideoFrame
 from PIL import Image
 
-from tasks.caching import cached_step
+from tasks.caching import cached_step, current_step_key
 from tasks.describe import FrameFacts, describe_frames, metadata_frame
 from tasks.formats import npy_chunks, to_parquet_bytes
-from tasks.keys import artifact_key, step_key
+from tasks.keys import artifact_key
 from tasks.naming import frame_name
 from tasks.shards import CheckedShard, Shard, read_manifest
 from tasks.storage import ObjectInfo, Storage, open_storage
@@ -215,7 +215,7 @@ def check_video_shard(
     chunk: int,
 ) -> CheckedShard:
     """Check, describe and prepare model inputs for the frames of a shard's videos."""
-    key = step_key("check_video", dict(locals()))
+    key = current_step_key()
     started = time.perf_counter()
     output, source = open_storage(output_url), open_storage(input_url)
     rows: list[dict[str, object]] = []

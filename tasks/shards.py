@@ -23,6 +23,15 @@ class Shard:
     count: int
     total_bytes: int
     kind: str = "images"  # or "video": one video whose frames are the samples
+    first: str = ""  # its first and last keys, to name its task runs
+    last: str = ""
+
+    @property
+    def title(self) -> str:
+        """What a task run on it is called after its step: `shard 3 (a.jpg .. k.jpg)`."""
+        if self.kind == "video":
+            return f"video {self.index} ({self.first})"
+        return f"shard {self.index} ({self.first} .. {self.last}, {self.count} images)"
 
 
 def manifest_bytes(objects: list[ObjectInfo]) -> bytes:
@@ -54,6 +63,14 @@ class CheckedShard:
     retries: int = 0
     videos: str | None = None  # JSON {video key: frame counts, codec, fps, reason...}
 
+    @property
+    def summary(self) -> str:
+        return (
+            f"checked: {self.valid} valid samples, {self.corrupt_count} corrupt; "
+            f"{self.bytes_read / 1e6:.1f} MB read in {self.seconds:.2f} s"
+            + (f", {self.retries} retries" if self.retries else "")
+        )
+
 
 @dataclass(frozen=True)
 class EmbeddedShard:
@@ -63,6 +80,11 @@ class EmbeddedShard:
     bytes_read: int
     seconds: float
     retries: int = 0
+
+    @property
+    def summary(self) -> str:
+        rate = self.count / self.seconds if self.seconds else 0.0
+        return f"embedded {self.count} samples in {self.seconds:.2f} s ({rate:.0f}/s)"
 
 
 @dataclass

@@ -91,7 +91,7 @@ def run_curate(prefect_server: None):  # type: ignore[no-untyped-def]
     from tasks.config import load_config
 
     def run(*args: str) -> Run:
-        return Run(curate(load_config(None, list(args))))
+        return Run(curate(**load_config(None, list(args)).sections()))
 
     return run
 

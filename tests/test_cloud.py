@@ -79,9 +79,9 @@ def local_outcome(demo_folder, tmp_path_factory, prefect_server) -> dict[str, An
     folder, _ = demo_folder
     output = tmp_path_factory.mktemp("local-out")
     curate(
-        load_config(
+        **load_config(
             None, [f"input={folder}", f"output={output}", "stopping_condition.n_samples=30"]
-        )
+        ).sections()
     )
     return _outcome(open_storage(str(output)))
 

@@ -328,7 +328,7 @@ def test_a_second_lock_fails_naming_the_holder(tmp_path: Path) -> None:
         with (
             pytest.raises(
                 CurateError,
-                match=r"locked by flow-run-a \(.+, pid \d+\) since .* stale after 3600 s",
+                match=r"locked by flow-run-a \(.+, pid \d+\) since .* stale after 90 s",
             ),
             DatapoolLock(storage, "flow-run-b"),
         ):
@@ -354,6 +354,70 @@ def test_a_stale_lock_is_taken_over_with_a_warning(
         assert json.loads(storage.read(LOCK))["owner"] == "flow-run-b"
     assert "taking over the lock of crashed" in caplog.text
     assert not storage.exists(LOCK)
+
+
+def _lock_of_a_process(pid: int, **where: str) -> dict:
+    from tasks.datapool import _this_machine
+
+    return {
+        "owner": "killed run",
+        "token": "t",
+        **_this_machine(),
+        "pid": pid,
+        "acquired": time.time(),
+        "heartbeat": time.time(),  # fresh: only its dead process makes it takeable
+    } | where
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_a_fresh_lock_of_a_dead_process_on_this_machine_is_taken_over_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    storage = open_storage(str(tmp_path))
+    storage.write(LOCK, json.dumps(_lock_of_a_process(_dead_pid())).encode())
+    with DatapoolLock(storage, "next run"):
+        assert json.loads(storage.read(LOCK))["owner"] == "next run"
+    assert "is gone" in caplog.text
+
+
+def test_a_lock_written_before_this_machine_rebooted_is_taken_over_at_once(
+    tmp_path: Path,
+) -> None:
+    storage = open_storage(str(tmp_path))
+    lock = _lock_of_a_process(os.getpid(), boot="an-earlier-boot")
+    storage.write(LOCK, json.dumps(lock).encode())
+    with DatapoolLock(storage, "next run"):
+        assert json.loads(storage.read(LOCK))["owner"] == "next run"
+
+
+@pytest.mark.parametrize(
+    "where",
+    [{"machine": "another-machine"}, {}],
+    ids=["a dead pid on another machine", "a live process on this machine"],
+)
+def test_a_fresh_lock_is_respected_unless_its_holder_is_provably_dead(
+    tmp_path: Path, where: dict
+) -> None:
+    storage = open_storage(str(tmp_path))
+    pid = _dead_pid() if where else os.getpid()
+    storage.write(LOCK, json.dumps(_lock_of_a_process(pid, **where)).encode())
+    with pytest.raises(CurateError, match="locked by killed run"):
+        DatapoolLock(storage, "next run").__enter__()
+
+
+def test_a_reused_pid_is_not_taken_for_the_holder(tmp_path: Path) -> None:
+    storage = open_storage(str(tmp_path))
+    lock = _lock_of_a_process(os.getpid(), pid_start="1")  # this pid, but a newer process
+    storage.write(LOCK, json.dumps(lock).encode())
+    with DatapoolLock(storage, "next run"):
+        assert json.loads(storage.read(LOCK))["owner"] == "next run"
 
 
 def test_the_heartbeat_keeps_a_long_run_fresh(tmp_path: Path) -> None:

@@ -1,9 +1,12 @@
-"""The curate deployment through a real Prefect server, process work pool and worker."""
+"""The curate deployments as a Prefect user drives them: a real server started by
+`infra/start-server.sh`, `prefect deploy` from `deployments/prefect.yaml`, a process
+worker, runs made by the scheduler, the CLI and the API, and what the API then shows."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,11 +16,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
+FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
 def _free_port() -> int:
@@ -27,11 +32,12 @@ def _free_port() -> int:
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL: an idle worker may ignore the first signal."""
+    """SIGTERM to its process group, again, then SIGKILL: an idle worker may ignore the
+    first signal."""
     for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
         if process.poll() is not None:
             return
-        process.send_signal(sig)
+        os.killpg(process.pid, sig)
         try:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -40,35 +46,46 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """`prefect server start` on loopback with its own SQLite database and home."""
+    """`infra/start-server.sh` on a free loopback port, with its own SQLite database and
+    home; the scheduler loops every 5 s instead of 60 so a test sees its runs soon."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env |= {
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_PORT": str(port),
         "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path}/prefect.db",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
+        "PREFECT": PREFECT,
+        "PWD": str(REPO),  # prefect.yaml's pull step: the worker runs this checkout
     }
+    log = (tmp_path / "server.log").open("wb")
     process = subprocess.Popen(
-        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        [str(REPO / "infra/start-server.sh")],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/health", timeout=2):
-                break
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                _stop(process)
-                pytest.fail("prefect server did not start")
-            time.sleep(0.5)
+    deadline = time.monotonic() + 180
+    while "Prefect UI:" not in (tmp_path / "server.log").read_text(errors="replace"):
+        if time.monotonic() > deadline or process.poll() is not None:
+            _stop(process)
+            pytest.fail("infra/start-server.sh did not start: " + _tail(tmp_path / "server.log"))
+        time.sleep(0.5)
     try:
         yield env
     finally:
         _stop(process)
+        server_log = (tmp_path / "server.log").read_text(errors="replace")
+        assert "InvalidRequestError" not in server_log, (
+            "the scheduler failed: " + server_log[-3000:]
+        )
+
+
+def _tail(path: Path, n: int = 3000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else ""
 
 
 def _prefect(env: dict[str, str], *args: str, timeout: int = 300) -> str:
@@ -79,70 +96,7 @@ def _prefect(env: dict[str, str], *args: str, timeout: int = 300) -> str:
     return result.stdout
 
 
-@pytest.mark.slow
-def test_deployment_runs_on_a_process_worker_from_the_cli(server, demo_folder, tmp_path):
-    folder, expected = demo_folder
-    _prefect(server, "work-pool", "create", "curate-local", "--type", "process")
-    _prefect(server, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
-    worker = subprocess.Popen(
-        [PREFECT, "worker", "start", "--pool", "curate-local"],
-        env=server,
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        config = {
-            "input": str(folder),
-            "output": str(tmp_path / "out"),
-            "stopping_condition": {"n_samples": 6},
-        }
-        out = _prefect(
-            server,
-            "deployment",
-            "run",
-            "curate/local",
-            "--param",
-            f"config={json.dumps(config)}",
-            "--watch",
-            "--watch-timeout",
-            "400",
-            timeout=450,
-        )
-        assert "Completed" in out, out
-    finally:
-        _stop(worker)
-    run_id = (tmp_path / "out/LATEST").read_text().strip()
-    run_dir = tmp_path / "out/runs" / run_id
-    assert len((run_dir / "filenames/selected_filenames.txt").read_text().split()) == 6
-    report = json.loads((run_dir / "report.json").read_text())
-    assert report["counts"]["corrupt"] == len(expected)
-
-
-@pytest.mark.slow
-def test_the_server_rejects_an_invalid_config_before_creating_a_run(server):
-    _prefect(server, "work-pool", "create", "curate-local", "--type", "process")
-    _prefect(server, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
-    result = subprocess.run(
-        [
-            PREFECT,
-            "deployment",
-            "run",
-            "curate/local",
-            "--param",
-            'config={"input": "x", "output": "y", "stopping_condition": {"n_samples": -1}}',
-        ],
-        env=server,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode != 0
-    assert "n_samples" in result.stdout + result.stderr
-
-
-def _api(env: dict[str, str], method: str, path: str, body: object | None = None) -> object:
+def _api(env: dict[str, str], method: str, path: str, body: object | None = None) -> Any:
     """One call to the server's REST API. A 503 is retried, as Prefect's own client does:
     the server answers it while SQLite is locked by another writer (a worker, the CLI)."""
     data = None if body is None else json.dumps(body).encode()
@@ -163,58 +117,222 @@ def _api(env: dict[str, str], method: str, path: str, body: object | None = None
     raise AssertionError("unreachable")
 
 
-@pytest.mark.slow
-def test_incremental_deployment_is_scheduled_and_its_runs_never_overlap(server, tmp_path):
-    from flows.demo import digit_images, encode
-
-    folder, out = tmp_path / "in", tmp_path / "out"
-    folder.mkdir()
-    images, _ = digit_images()
-    for i in range(40):
-        (folder / f"d{i:03d}.png").write_bytes(encode(images[i], "PNG"))
+def _deploy(server: dict[str, str], folder: Path, out: Path) -> dict[str, str]:
+    """`prefect deploy --all` exactly as the README writes it: no prompt answered."""
     env = server | {"CURATE_INPUT": str(folder), "CURATE_OUTPUT": str(out)}
-    _prefect(env, "work-pool", "create", "curate-local", "--type", "process")
-    _prefect(env, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+    result = subprocess.run(
+        [PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return env
 
-    deployment = _api(env, "GET", "/deployments/name/curate/incremental")
-    assert isinstance(deployment, dict)
-    crons = [s["schedule"].get("cron") for s in deployment["schedules"]]
-    assert crons == ["0 * * * *"] and all(s["active"] for s in deployment["schedules"])
-    assert deployment["parameters"]["config"]["input"] == str(folder)
-    full = _api(env, "GET", "/deployments/name/curate/full")
-    assert isinstance(full, dict) and not full["schedules"]
-    assert full["parameters"]["config"]["datasource"]["process_all"] is True
 
-    worker = subprocess.Popen(
+@pytest.fixture
+def worker(server: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A process worker on the pipeline's pool, started after the deployments."""
+    log = (tmp_path / "worker.log").open("wb")
+    process = subprocess.Popen(
         [PREFECT, "worker", "start", "--pool", "curate-local"],
-        env=env | {"PREFECT_WORKER_QUERY_SECONDS": "2"},
+        env=server | {"PREFECT_WORKER_QUERY_SECONDS": "2"},
         cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
-        # One trigger through the CLI, one through the API, back to back.
-        printed = _prefect(env, "deployment", "run", "curate/incremental")
-        from_cli = printed.split("UUID:")[1].split()[0]
-        from_api = _api(env, "POST", f"/deployments/{deployment['id']}/create_flow_run", {})
-        assert isinstance(from_api, dict)
-        runs: dict[str, dict] = {}
-        deadline = time.monotonic() + 500
-        while time.monotonic() < deadline:
-            runs = {
-                rid: _api(env, "GET", f"/flow_runs/{rid}") for rid in (from_cli, from_api["id"])
-            }  # type: ignore[misc]
-            if all(
-                run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED") for run in runs.values()
-            ):
-                break
-            time.sleep(2)
+        yield process
     finally:
-        _stop(worker)
-    assert [run["state"]["type"] for run in runs.values()] == ["COMPLETED", "COMPLETED"]
-    first, second = sorted(runs.values(), key=lambda run: run["start_time"])
-    assert first["end_time"] <= second["start_time"], "the two runs overlapped"
-    reports = [
-        json.loads(path.read_text()) for path in sorted((out / "runs").glob("*/report.json"))
-    ]
-    assert [r["counts"]["processed"] for r in reports] == [40, 0]
+        _stop(process)
+
+
+def _digits(folder: Path, n: int = 40) -> Path:
+    from flows.demo import digit_images, encode
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images, _ = digit_images()
+    for i in range(n):
+        (folder / f"d{i:03d}.png").write_bytes(encode(images[i], "PNG"))
+    (folder / "zz_truncated.png").write_bytes(encode(images[0], "PNG")[:100])
+    return folder
+
+
+def _wait(env: dict[str, str], run_ids: list[str], timeout: float = 400) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = [_api(env, "GET", f"/flow_runs/{rid}") for rid in run_ids]
+        if all(run["state"]["type"] in FINAL for run in runs) or time.monotonic() > deadline:
+            return runs
+        time.sleep(2)
+
+
+def _reports(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/report.json"))]
+
+
+@pytest.mark.slow
+def test_a_run_made_by_the_scheduler_completes_and_the_api_shows_what_it_did(
+    server, tmp_path, worker
+):
+    folder, out = _digits(tmp_path / "in"), tmp_path / "out"
+    env = _deploy(server, folder, out)
+    deployment = _api(env, "GET", "/deployments/name/curate/incremental")
+    assert [s["schedule"].get("cron") for s in deployment["schedules"]] == ["0 * * * *"]
+    assert deployment["parameters"]["input"] == str(folder)
+    # A schedule that fires within a minute, added the way a user would.
+    _prefect(env, "deployment", "schedule", "create", "curate/incremental", "--cron", "* * * * *")
+
+    deadline, made = time.monotonic() + 240, None
+    while time.monotonic() < deadline:
+        runs = _api(
+            env,
+            "POST",
+            "/flow_runs/filter",
+            {
+                "flow_runs": {"deployment_id": {"any_": [deployment["id"]]}},
+                "sort": "START_TIME_ASC",
+            },
+        )
+        done = [r for r in runs if r["auto_scheduled"] and r["state"]["type"] in FINAL]
+        if done:
+            made = done[0]
+            break
+        time.sleep(3)
+    assert made is not None, "no scheduler-made run finished: " + _tail(tmp_path / "worker.log")
+    assert made["state"]["type"] == "COMPLETED", _tail(tmp_path / "worker.log")
+    assert made["name"].startswith("incremental ") and str(folder) in made["name"]
+    report = _reports(out)[0]
+    assert report["counts"]["processed"] == 41 and report["counts"]["corrupt"] == 1
+
+    # Task runs named by step and shard, tagged with step and pool.
+    task_runs = _api(
+        env, "POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [made["id"]]}}}
+    )
+    names = {run["name"] for run in task_runs}
+    assert any(n.startswith("check shard 0 (d000.png .. ") for n in names), names
+    assert any(n.startswith("embed shard 0 (") for n in names), names
+    assert all("pool:local" in run["tags"] for run in task_runs)
+    # Artifacts: progress at 100 %, the counts of report.json, corrupt files, a summary.
+    artifacts = _api(
+        env, "POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [made["id"]]}}}
+    )
+    by_type: dict[str, list[dict]] = {}
+    for artifact in artifacts:
+        by_type.setdefault(artifact["type"], []).append(artifact)
+    assert [a["data"] for a in by_type["progress"]] == [100.0]
+    tables = {a["key"].split("-")[1]: a for a in by_type["table"]}
+    counts = {row["count"]: row["value"] for row in _table(tables["counts"])}
+    assert counts == report["counts"]
+    assert [row["file"] for row in _table(tables["corrupt"])] == ["zz_truncated.png"]
+    (summary,) = by_type["markdown"]
+    assert "processed 41 objects" in summary["data"] and report["run_id"] in summary["data"]
+    logs = _api(env, "POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [made["id"]]}}})
+    messages = [log["message"] for log in logs]
+    assert any(m.startswith("processed 41 objects") for m in messages)
+    assert any("corrupt: zz_truncated.png: truncated PNG" in m for m in messages)
+    assert any(m.startswith("checked: ") for m in messages)  # a task run's own line
+    _screenshots(env, made["id"], tmp_path)
+
+
+def _table(artifact: dict) -> list[dict]:
+    data = artifact["data"]
+    return json.loads(data) if isinstance(data, str) else data
+
+
+def _screenshots(env: dict[str, str], run_id: str, folder: Path) -> None:
+    """The flow run page and its Artifacts tab in headless Chromium, when installed
+    (`CURATE_SCREENSHOTS=DIR` keeps copies)."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        print("no chromium: UI screenshots skipped (apt-get install chromium)")
+        return
+    ui = env["PREFECT_API_URL"].removesuffix("/api")
+    for name, url in (
+        ("flow-run.png", f"{ui}/runs/flow-run/{run_id}"),
+        ("artifacts.png", f"{ui}/runs/flow-run/{run_id}?tab=Artifacts"),
+    ):
+        path = folder / name
+        subprocess.run(
+            [
+                chromium,
+                *("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"),
+                *("--disable-background-networking", "--disable-component-update"),
+                f"--user-data-dir={folder / 'chromium-profile'}",
+                f"--screenshot={path}",
+                "--window-size=1400,1000",
+                "--virtual-time-budget=15000",
+                url,
+            ],
+            capture_output=True,
+            timeout=120,
+        )
+        print(f"UI screenshot: {path}")
+        if os.environ.get("CURATE_SCREENSHOTS") and path.exists():
+            shutil.copy(path, Path(os.environ["CURATE_SCREENSHOTS"]) / name)
+
+
+@pytest.mark.slow
+def test_deployments_on_one_output_queue_behind_each_other_and_take_one_section_per_run(
+    server, tmp_path, worker
+):
+    folder, out = _digits(tmp_path / "in"), tmp_path / "out"
+    env = _deploy(server, folder, out)
+    full = _api(env, "GET", "/deployments/name/curate/full")
+    incremental = _api(env, "GET", "/deployments/name/curate/incremental")
+    # Back to back through the API, then one section overridden through the CLI.
+    first = _api(env, "POST", f"/deployments/{full['id']}/create_flow_run", {})
+    second = _api(env, "POST", f"/deployments/{incremental['id']}/create_flow_run", {})
+    printed = _prefect(
+        env, "deployment", "run", "curate/full", "--param", 'stopping_condition={"n_samples": 2}'
+    )
+    third = printed.split("UUID:")[1].split()[0]
+    runs = _wait(env, [first["id"], second["id"], third])
+    assert [r["state"]["type"] for r in runs] == ["COMPLETED"] * 3, _tail(tmp_path / "worker.log")
+    spans = sorted((r["start_time"], r["end_time"]) for r in runs)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), "runs overlapped"
+    reports = _reports(out)
+    assert [r["counts"]["processed"] for r in reports[:2]] in ([41, 0], [0, 41])
+    last = max(reports, key=lambda r: r["run_id"])
+    assert last["counts"]["selected"] == 2  # the section given at run time ...
+    assert last["config"]["input"] == str(folder)  # ... and the deployment's other keys
+    assert last["config"]["datasource"]["process_all"] is True
+
+
+@pytest.mark.slow
+def test_impossible_combinations_fail_before_the_run_or_in_its_first_second(
+    server, tmp_path, worker
+):
+    folder, out = _digits(tmp_path / "in", 5), tmp_path / "out"
+    env = _deploy(server, folder, out)
+    # The schema states the rule: the server refuses to create the run.
+    refused = subprocess.run(
+        [
+            PREFECT,
+            "deployment",
+            "run",
+            "curate/incremental",
+            "--param",
+            'stopping_condition={"n_samples": 2, "proportion_samples": 0.5}',
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode != 0
+    assert "n_samples" in refused.stdout + refused.stderr
+    # A rule JSON schema cannot state fails as the run starts, before torch is imported.
+    printed = _prefect(
+        env, "deployment", "run", "curate/incremental", "--param", "stopping_condition={}"
+    )
+    (run,) = _wait(env, [printed.split("UUID:")[1].split()[0]], timeout=120)
+    assert run["state"]["type"] == "FAILED"
+    assert "stopping_condition" in run["state"]["message"]
+    assert run["total_run_time"] < 1.0, run["total_run_time"]
+    assert not (out / "runs").exists()

@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tasks.embed import Embedder, Weights, build_model, resolve_weights
+from tasks.embed import Embedder, build_model
 from tasks.errors import CurateError
+from tasks.weights import Weights, resolve_weights
 
 CPU = torch.device("cpu")
 StateDict = dict[str, torch.Tensor]

@@ -48,7 +48,7 @@ def _run(tmp_path_factory: pytest.TempPathFactory, input_url: str, *args: str) -
 
     output = tmp_path_factory.mktemp("video-out")
     overrides = [f"input={input_url}", f"output={output}", "num_workers=2", *args]
-    return Path(curate(load_config(None, overrides)))
+    return Path(curate(**load_config(None, overrides).sections()))
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +200,7 @@ def test_videos_from_the_s3_server_give_the_local_result(
     from tasks.config import load_config
 
     curate(
-        load_config(
+        **load_config(
             None,
             [
                 "input=s3://videos/raw",
@@ -208,7 +208,7 @@ def test_videos_from_the_s3_server_give_the_local_result(
                 "num_workers=2",
                 "stopping_condition.n_samples=12",
             ],
-        )
+        ).sections()
     )
     run = "runs/" + output.read_text("LATEST").strip()
     selected = output.read_text(f"{run}/filenames/selected_filenames.txt").split()
