@@ -71,6 +71,10 @@ LOGGED_CORRUPT = 10
 OUTPUT_SLOT_LEASE_SECONDS = 60
 
 
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
 def new_run_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
@@ -163,17 +167,16 @@ def curate(**sections: Any) -> str:
     logger = get_run_logger()
     apply_credentials(config.storage.credentials_secret)
     output = open_storage(config.output)
-    run_id = new_run_id()
     stale = config.datapool.lock_stale_after_seconds
-    with (
-        one_run_per_output(config.output, logger),
-        DatapoolLock(output, f"curate run {run_id}", stale_after=stale),
-    ):
-        return _curate(config, output, run_id, logger)
+    with one_run_per_output(config.output, logger):
+        run_id = new_run_id()  # once the run may start: run ids sort by start
+        with DatapoolLock(output, f"curate run {run_id}", stale_after=stale):
+            return _curate(config, output, run_id, logger)
 
 
 def _curate(config: CurateConfig, output: Storage, run_id: str, logger: Any) -> str:
     started = time.perf_counter()
+    started_at = _now()
     progress = RunProgress(config.output)
     pool = load_datapool(output)
     repair_latest(output, pool, logger)
@@ -207,6 +210,7 @@ def _curate(config: CurateConfig, output: Storage, run_id: str, logger: Any) -> 
     )
     source = open_storage(config.input)
     exported = export(output, source, summary, checked, embedded, duplicates, picked, started)
+    exported.report.update(started_at=started_at, finished_at=_now())
     run_dir = commit_run(config, output, pool, streams, exported, duplicates, picked, run_id)
     log_outcome(exported, run_dir, logger)
     publish_run(exported.report, exported.corrupt, run_dir)
@@ -484,7 +488,9 @@ def find_duplicates(
 
     started = time.perf_counter()
     future = dedup.with_options(
-        result_storage=streams.results, tags={"step:dedup", "pool:local"}
+        task_run_name=f"dedup {len(checked)} shards",
+        result_storage=streams.results,
+        tags={"step:dedup", "pool:local"},
     ).submit(
         checked,
         config.output,
@@ -513,7 +519,9 @@ def select(
 
     started = time.perf_counter()
     future = select_samples.with_options(
-        result_storage=streams.results, tags={"step:select", "pool:local"}
+        task_run_name=f"select from {len(checked)} shards",
+        result_storage=streams.results,
+        tags={"step:select", "pool:local"},
     ).submit(
         checked,
         embedded,

@@ -88,13 +88,15 @@ class StoppingCondition(_Section):
 
     model_config = ConfigDict(
         extra="forbid",
+        # With n_samples set, proportion_samples must be null. Prefect strips "required"
+        # from parameter schemas (runs may give a section partly), so the rule is a
+        # dependent schema, which needs none.
         json_schema_extra={
-            "not": {
-                "required": ["n_samples", "proportion_samples"],
-                "properties": {
-                    "n_samples": {"type": "integer"},
-                    "proportion_samples": {"type": "number"},
-                },
+            "dependentSchemas": {
+                "n_samples": {
+                    "if": {"properties": {"n_samples": {"type": "integer"}}},
+                    "then": {"properties": {"proportion_samples": {"type": "null"}}},
+                }
             }
         },
     )
