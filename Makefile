@@ -8,11 +8,14 @@ PIP_QUIET := --quiet --disable-pip-version-check --no-warn-script-location
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
+	@echo "make install: creating $(VENV) with curate-worker and its pinned dependencies (torch, timm,"
+	@echo "  prefect, ...; about 4 minutes on a fresh machine, 5.5 GB; pip's log: $(VENV)/install.log)"
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install $(PIP_QUIET) -c constraints.txt -e ".[dev]" > $(VENV)/install.log 2>&1 \
 		|| { grep -v "^WARNING: Location" $(VENV)/install.log; exit 1; }
 	$(PY) -c "import flows.cli, tasks.embed"  # fail here, not later, if the install is broken
 	touch $@
+	@echo "make install: done ($(VENV)/bin/curate)"
 
 # Azurite, the Azure Blob emulator the tests start (moto and fake-gcs-server come with pip).
 emulators: infra/azurite/node_modules/.installed
@@ -23,6 +26,7 @@ infra/azurite/node_modules/.installed: infra/azurite/package-lock.json
 	touch $@
 
 demo: install
+	@echo "make demo: curating generated sample images and videos (demo-data/) into demo-output/"
 	$(PY) -m flows.demo
 
 test: install emulators lint type-check
@@ -43,6 +47,7 @@ bench: install
 	$(PY) -m bench.bench_s3_read
 	$(PY) -m bench.bench_video
 	$(PY) -m bench.bench_incremental
+	$(PY) -m bench.bench_fixed_cost
 
 clean:
 	rm -rf demo-output demo-data .pytest_cache .mypy_cache .ruff_cache

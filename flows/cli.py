@@ -64,6 +64,8 @@ class _UserErrorFilter(logging.Filter):
     one line itself. The Prefect API (and UI) still receives the full record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "curate_user_error", False):
+            return False
         if record.exc_info and isinstance(record.exc_info[1], CurateError):
             return False
         return "CurateError" not in record.getMessage()

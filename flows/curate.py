@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectConcurrentFuture, PrefectFuture
+from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.artifacts import RunProgress, publish_run, summary_line
@@ -163,8 +164,21 @@ def curate(**sections: Any) -> str:
     Only objects the datapool does not hold with the same identity are processed, and
     selection counts what the datapool selected before. The run holds the datapool's
     lock throughout and commits the datapool last, in one atomic step."""
-    config = parse_config(sections)  # each section is valid; this checks rules across them
     logger = get_run_logger()
+    try:
+        return _locked(sections, logger)
+    except Exception as exc:
+        # A failed run's state carries its error in memory only: Prefect would pickle a
+        # raised exception (paths, messages) into its local result storage.
+        if isinstance(exc, CurateError):  # one line; the CLI prints it itself
+            logger.error("%s", exc, extra={"curate_user_error": True})
+        else:
+            logger.exception("curate run failed")
+        return Failed(message=f"{type(exc).__name__}: {exc}", data=exc)  # type: ignore[return-value]
+
+
+def _locked(sections: dict[str, Any], logger: Any) -> str:
+    config = parse_config(sections)  # each section is valid; this checks rules across them
     apply_credentials(config.storage.credentials_secret)
     output = open_storage(config.output)
     stale = config.datapool.lock_stale_after_seconds

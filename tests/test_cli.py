@@ -115,3 +115,71 @@ def test_sanity_check_reports_versions_embedding_and_prefect():
         "prefect: flow run ok",
     ):
         assert word in result.stdout
+
+
+def test_help_lists_every_config_key_with_its_default_and_description():
+    from tasks.config import key_help
+
+    result = curate("run", "--help")
+    assert result.returncode == 0
+    for key, default, description in key_help():
+        assert f"  {key} [{default}]" in result.stdout
+        assert description.split()[0] in result.stdout
+    assert curate("--version").stdout.startswith("curate ")
+
+
+@pytest.mark.slow
+def test_the_example_config_runs(tmp_path, demo_folder):
+    folder, _ = demo_folder
+    example = Path(__file__).resolve().parents[1] / "docs/curate.yaml"
+    result = curate("run", str(example), f"input={folder}", f"output={tmp_path / 'out'}")
+    assert result.returncode == 0, result.stderr
+    run_dir = Path(result.stdout.strip().splitlines()[-1].removeprefix("run: "))
+    assert len((run_dir / "filenames/selected_filenames.txt").read_text().split()) == 40
+
+
+def test_bad_input_is_reported_in_under_two_seconds_naming_the_key(tmp_path):
+    import time
+
+    started = time.monotonic()
+    result = curate(
+        "run",
+        f"input={tmp_path / 'nowhere'}",
+        f"output={tmp_path}",
+        "stopping_condition.n_samples=3",
+    )
+    assert_one_line_error(result, 1, "input", "nowhere")
+    assert time.monotonic() - started < 2.0
+
+
+def test_a_dotted_key_in_a_yaml_file_says_to_nest_it(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("input: x\noutput: y\nstopping_condition.n_samples: 3\n")
+    result = curate("run", str(config))
+    assert_one_line_error(result, 2, "write it nested", "stopping_condition: {n_samples: ...}")
+
+
+def test_a_failed_run_leaves_no_pickled_error_in_prefects_home(tmp_path, demo_folder):
+    folder, _ = demo_folder
+    (tmp_path / "relevant.txt").write_text("no/such/dir/*\n")
+    home = tmp_path / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {
+        "PREFECT_HOME": str(home)
+    }
+    result = subprocess.run(
+        [
+            CURATE,
+            "run",
+            f"input={folder}",
+            f"output={tmp_path / 'out'}",
+            "stopping_condition.n_samples=3",
+            f"datasource.relevant_filenames_file={tmp_path / 'relevant.txt'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert_one_line_error(result, 1, "no images or videos found")
+    stored = list((home / "storage").rglob("*")) if (home / "storage").exists() else []
+    assert stored == []
