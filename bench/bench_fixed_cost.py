@@ -40,8 +40,9 @@ def make_images(folder: Path, n: int) -> None:
     images, _ = digit_images(size=32)
     folder.mkdir(parents=True)
     for i in range(n):
-        (folder / f"{i // 1000:02d}/{i:05d}.png").parent.mkdir(exist_ok=True)
-        (folder / f"{i // 1000:02d}/{i:05d}.png").write_bytes(encode(images[i % len(images)], "PNG"))
+        path = folder / f"{i // 1000:02d}/{i:05d}.png"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(encode(images[i % len(images)], "PNG"))
 
 
 def main() -> None:
