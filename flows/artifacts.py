@@ -90,9 +90,7 @@ def publish_run(report: dict[str, Any], corrupt: dict[str, str], run_dir: str) -
         f"**{summary_line(report)}**\n\n"
         f"- input: `{report['config']['input']}`\n- output: `{output}`\n"
         f"- run directory: `{run_dir}` (report: `{run_dir}/report.json`)\n"
-        f"- model: {report['embedding'].get('model')} at {report['embedding'].get('input_size')}"
-        f" px on {report['embedding'].get('device')}, weights: "
-        f"{report['embedding'].get('weights')}\n"
+        f"- model: {_model(report['embedding'])}\n"
         f"- took {report['seconds']:.1f} s\n\n"
         "| step | seconds | bytes read | shards from cache |\n| --- | --- | --- | --- |\n"
         f"{steps}\n"
@@ -101,6 +99,15 @@ def publish_run(report: dict[str, Any], corrupt: dict[str, str], run_dir: str) -
         summary, key=artifact_key("summary", output), description="curate run summary"
     )
     return summary
+
+
+def _model(embedding: dict[str, Any]) -> str:
+    if embedding.get("device") is None:
+        return f"{embedding.get('model')} (not loaded: nothing new to embed)"
+    return (
+        f"{embedding['model']} at {embedding['input_size']} px on {embedding['device']}, "
+        f"weights: {embedding['weights']}"
+    )
 
 
 def summary_line(report: dict[str, Any]) -> str:

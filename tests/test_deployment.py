@@ -236,7 +236,7 @@ def test_a_run_made_by_the_scheduler_completes_and_the_api_shows_what_it_did(
     assert any(m.startswith("processed 41 objects") for m in messages)
     assert any("corrupt: zz_truncated.png: truncated PNG" in m for m in messages)
     assert any(m.startswith("checked: ") for m in messages)  # a task run's own line
-    _screenshots(env, made["id"], tmp_path)
+    _screenshots(env, made["id"], [summary["id"], tables["counts"]["id"]], tmp_path)
 
 
 def _table(artifact: dict) -> list[dict]:
@@ -244,18 +244,20 @@ def _table(artifact: dict) -> list[dict]:
     return json.loads(data) if isinstance(data, str) else data
 
 
-def _screenshots(env: dict[str, str], run_id: str, folder: Path) -> None:
-    """The flow run page and its Artifacts tab in headless Chromium, when installed
-    (`CURATE_SCREENSHOTS=DIR` keeps copies)."""
+def _screenshots(env: dict[str, str], run_id: str, artifacts: list[str], folder: Path) -> None:
+    """The flow run page and its summary and counts artifacts in headless Chromium, when
+    installed (`CURATE_SCREENSHOTS=DIR` keeps copies). The run page's Artifacts tab
+    cannot be opened by URL (the UI ignores `?tab=`); each artifact's own page shows it."""
     chromium = shutil.which("chromium")
     if chromium is None:
         print("no chromium: UI screenshots skipped (apt-get install chromium)")
         return
     ui = env["PREFECT_API_URL"].removesuffix("/api")
-    for name, url in (
-        ("flow-run.png", f"{ui}/runs/flow-run/{run_id}"),
-        ("artifacts.png", f"{ui}/runs/flow-run/{run_id}?tab=Artifacts"),
-    ):
+    pages = [("flow-run.png", f"{ui}/runs/flow-run/{run_id}")]
+    pages += [
+        (f"artifact-{i}.png", f"{ui}/artifacts/artifact/{a}") for i, a in enumerate(artifacts)
+    ]
+    for name, url in pages:
         path = folder / name
         subprocess.run(
             [
