@@ -21,6 +21,7 @@ import pandera.pandas as pa
 from tasks.describe import METADATA_SCHEMA, metadata_frame
 from tasks.formats import csv_field, read_npy, read_parquet_bytes, text_lines, to_parquet_bytes
 from tasks.frames import export_frames
+from tasks.report import write_run_reports
 from tasks.shards import CheckedShard, EmbeddedShard, StepStats
 from tasks.storage import Storage
 
@@ -40,6 +41,10 @@ class Exported:
     metadata: pd.DataFrame  # the run's samples
     corrupt: dict[str, str]  # corrupt images and videos, with reasons
     report: dict[str, Any]  # report.json's content, written by `write_report`
+    # What report.html and report.pdf are drawn from (`tasks.report`).
+    selected: tuple[str, ...] = ()  # this run's picks, in pick order
+    shards: tuple[tuple[CheckedShard, EmbeddedShard], ...] = ()
+    source: Storage | None = None  # the input, for thumbnails of selected images
 
 
 @dataclass
@@ -157,11 +162,23 @@ def export(
         "frames": int(metadata["video"].notna().sum()),
         "selected_sequences": len(picked["sequences"]),
     }
-    return Exported(run, metadata, all_corrupt, document)
+    return Exported(
+        run,
+        metadata,
+        all_corrupt,
+        document,
+        selected=tuple(selected),
+        shards=tuple(zip(checked, embedded, strict=True)),
+        source=source,
+    )
 
 
-def write_report(output: Storage, exported: Exported) -> None:
+def write_report(output: Storage, exported: Exported, prior_key: str | None = None) -> None:
+    """Write report.json, then report.html and report.pdf. `prior_key` names the .npy of
+    the datapool's earlier picks this run selected against (drawn apart on the map)."""
     output.write_text(f"{exported.run}/report.json", json.dumps(exported.report, indent=2))
+    prior = read_npy(output, prior_key) if prior_key else None
+    write_run_reports(output, exported.source, exported, prior)
 
 
 def point_latest(output: Storage, exported: Exported) -> str:
