@@ -795,8 +795,8 @@ def render_pdf(sections: list[Section], title: str) -> bytes:
             if section.plot is not None:
                 top = 0.91 - len(lines) * _LINE - 0.02
                 if top > 0.25:
-                    _, below = page.subfigures(2, 1, height_ratios=(1 - top, top))
-                    section.plot(below)
+                    parts = page.subfigures(2, 1, height_ratios=(1 - top, top), squeeze=False)
+                    section.plot(parts[1, 0])
                 else:  # the text filled the page: the figure gets one of its own
                     pdf.savefig(page)
                     page = Figure(figsize=PAGE, layout="constrained")
