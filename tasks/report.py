@@ -43,7 +43,7 @@ MAP_POINTS = 20_000  # samples drawn for the map and the nearest-neighbour histo
 EVAL_POINTS = 5_000  # of them, the ones whose distances are measured
 CENTERS = 20_000  # selected (and random) samples distances are measured to, at most
 PRIOR_POINTS = 5_000  # datapool picks drawn on the map
-TSNE_POINTS = 2_000  # t-SNE only up to this many points on the map (it is O(n^2) here)
+TSNE_POINTS = 1_000  # t-SNE only up to this many points on the map (seconds per 1,000)
 THUMBNAILS = 64  # selected samples shown
 PAIRS = 8  # removed duplicates and near duplicates shown, each
 VIDEOS = 12  # videos with a timeline
@@ -406,8 +406,12 @@ def map_section(data: ReportData) -> Section:
             from sklearn.manifold import TSNE
 
             perplexity = float(min(30, max(2, (len(stacked) - 1) // 3)))
-            tsne = TSNE(2, perplexity=perplexity, init="pca", random_state=data.seed)
-            maps.append(("t-SNE", tsne.fit_transform(stacked)))
+            from threadpoolctl import threadpool_limits
+
+            tsne = TSNE(2, perplexity=perplexity, init="pca", max_iter=500, random_state=data.seed)
+            # One thread: OpenMP's spinning threads make it 7x slower on a busy machine.
+            with threadpool_limits(1):
+                maps.append(("t-SNE", tsne.fit_transform(stacked)))
     tsne_note = (
         "t-SNE too"
         if len(maps) == 2
@@ -436,9 +440,14 @@ def map_section(data: ReportData) -> Section:
             ax.set_yticks([])
         axes[0].legend(fontsize=8, loc="best")
 
+    earlier = (
+        f"blue: {len(s.prior):,} of the datapool's earlier picks"
+        if len(s.prior)
+        else "no earlier picks in the datapool (or none passed to the report)"
+    )
     note = (
         f"The embeddings in two dimensions: PCA of {len(stacked):,} points ({tsne_note}). "
-        "Grey: samples of this run; orange: selected now; blue: the datapool's earlier picks."
+        f"Grey: samples of this run; orange: selected now; {earlier}."
     )
     return Section("Embedding map", note=note, plot=plot, size=(11.0, 5.0))
 
@@ -529,22 +538,28 @@ def _thumb(data: ReportData, name: str) -> bytes | None:
 
 
 def _image_grid(images: list[tuple[str, bytes | None]], columns: int) -> Callable[..., None]:
+    """Thumbnails as one mosaic image with captions (one axes: 64 of them would take
+    seconds to lay out)."""
+
     def plot(fig: FigureBase) -> None:
         from PIL import Image
 
-        if not images:
-            fig.text(0.5, 0.5, "nothing to show", ha="center")
-            return
+        ax = fig.subplots()
+        ax.axis("off")
         rows = -(-len(images) // columns)
-        axes = fig.subplots(rows, columns, squeeze=False).ravel()
-        for ax in axes:
-            ax.axis("off")
-        for ax, (caption, jpeg) in zip(axes, images, strict=False):
+        cell, gap = THUMB_PX, 28  # pixels per tile, and below it for the caption
+        mosaic = Image.new("RGB", (columns * (cell + 8), rows * (cell + gap)), "white")
+        for i, (caption, jpeg) in enumerate(images):
+            x, y = (i % columns) * (cell + 8), (i // columns) * (cell + gap)
             if jpeg is not None:
-                ax.imshow(np.asarray(Image.open(io.BytesIO(jpeg))))
+                with Image.open(io.BytesIO(jpeg)) as tile:
+                    mosaic.paste(
+                        tile, (x + (cell - tile.width) // 2, y + (cell - tile.height) // 2)
+                    )
             else:
-                ax.text(0.5, 0.5, "(no image)", ha="center", va="center", fontsize=6)
-            ax.set_title(caption[-28:], fontsize=5)
+                ax.text(x + cell / 2, y + cell / 2, "(no image)", ha="center", fontsize=6)
+            ax.text(x, y + cell + 4, caption[-30:], fontsize=4.5, va="top")
+        ax.imshow(np.asarray(mosaic), interpolation="none")
 
     return plot
 
@@ -579,18 +594,26 @@ def duplicates_section(data: ReportData, coverage: tuple[np.ndarray, np.ndarray]
         (removed, kept, "selected" if kept in chosen else "kept, not selected")
         for removed, kept in zip(copies["filename"], copies["duplicate_of"], strict=True)
     ]
-    # Near duplicates: unselected samples closest to a selected one.
+    # Near duplicates: the unselected samples closest to a selected one, one per selected
+    # sample, images before video frames (an unselected frame has no file to show).
     s = data.sampled
     distances, centers = coverage
     names = metadata["filename"].to_numpy()
+    frames = metadata["video"].notna().to_numpy()
     rows_drawn = s.sample_rows[: len(distances)]
     unselected = ~metadata["selected"].to_numpy(bool)[rows_drawn] & np.isfinite(distances)
     candidates = np.flatnonzero(unselected)
-    closest = candidates[np.argsort(distances[candidates], kind="stable")[:PAIRS]]
-    near = [
-        (str(names[rows_drawn[i]]), str(names[s.selected_rows[centers[i]]]), f"{distances[i]:.3f}")
-        for i in closest
-    ]
+    candidates = candidates[np.lexsort((distances[candidates], frames[rows_drawn[candidates]]))]
+    near: list[tuple[str, str, str]] = []
+    used: set[int] = set()
+    for i in candidates:
+        if len(near) == PAIRS:
+            break
+        if int(centers[i]) in used:
+            continue
+        used.add(int(centers[i]))
+        kept = str(names[s.selected_rows[centers[i]]])
+        near.append((str(names[rows_drawn[i]]), kept, f"{distances[i]:.3f}"))
     images: list[tuple[str, bytes | None]] = []
     for removed, kept, _ in exact:
         images += [
@@ -823,6 +846,12 @@ def write_reports(output: Storage, run: str, data: ReportData) -> tuple[int, int
     return len(page), len(pdf)
 
 
+def read_training(output: Storage, run: str) -> dict[str, Any] | None:
+    """`<run>/data/training.json` (`{"loss": [per epoch]}`), when training ran."""
+    key = f"{run}/data/training.json"
+    return json.loads(output.read(key)) if output.exists(key) else None
+
+
 def write_run_reports(
     output: Storage,
     source: Storage | None,
@@ -850,9 +879,6 @@ def write_run_reports(
                 return output.read(key) if output.exists(key) else None
             return source.read(name) if source is not None else None
 
-        training = None
-        if output.exists(f"{exported.run}/data/training.json"):
-            training = json.loads(output.read(f"{exported.run}/data/training.json"))
         data = ReportData(
             exported.report,
             metadata,
@@ -860,7 +886,7 @@ def write_run_reports(
             exported.selected,
             sampled,
             thumbnail,
-            training,
+            read_training(output, exported.run),
             seed,
         )
         html_size, pdf_size = write_reports(output, exported.run, data)
