@@ -375,7 +375,10 @@ def _median(values: np.ndarray) -> str:
     return f"{float(np.median(finite)):.3f}" if len(finite) else "n/a"
 
 
-def _histograms(ax: Any, series: list[tuple[np.ndarray, str]], colors: list[str]) -> None:
+def _histograms(
+    ax: Any, series: list[tuple[np.ndarray, str]], colors: list[str], legend: bool = True
+) -> None:
+    """Overlaid histograms, each as shares of its own count (sets of any size compare)."""
     finite = [values[np.isfinite(values)] for values, _ in series]
     present = [v for v in finite if len(v)]
     if not present:
@@ -386,10 +389,10 @@ def _histograms(ax: Any, series: list[tuple[np.ndarray, str]], colors: list[str]
     bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 41)
     for values, (_, label), color in zip(finite, series, colors, strict=True):
         if len(values):
-            weights = np.full(len(values), 1 / len(values))
-            ax.hist(values, bins=bins, weights=weights, histtype="stepfilled", alpha=0.45,
-                    color=color, label=label, edgecolor=color)  # fmt: skip
-    ax.legend(fontsize=8)
+            counts, _ = np.histogram(values, bins=bins)
+            ax.stairs(counts / len(values), bins, fill=True, alpha=0.45, color=color, label=label)
+    if legend:
+        ax.legend(fontsize=8)
 
 
 def map_section(data: ReportData) -> Section:
@@ -463,7 +466,7 @@ def metadata_section(data: ReportData) -> Section:
             if column == "sharpness":
                 values = np.log10(1 + values)
             _histograms(ax, [(values, "all"), (values[chosen], "selected")],
-                        [ALL_COLOR, SELECTED_COLOR])  # fmt: skip
+                        [ALL_COLOR, SELECTED_COLOR], legend=column == "brightness")  # fmt: skip
             ax.set_title("log10(1 + sharpness)" if column == "sharpness" else column, fontsize=10)
             ax.tick_params(labelsize=8)
 
@@ -573,12 +576,14 @@ def thumbnails_section(data: ReportData) -> Section:
         f"{len(images)} of the {len(order):,} selected samples"
         + (" (a seeded draw)" if len(order) > THUMBNAILS else "")
         + ", in pick order."
+        if order
+        else "Nothing selected in this run."
     )
     rows = -(-max(1, len(images)) // 8)
     return Section(
         "Selected samples",
         note=note,
-        plot=_image_grid(images, 8),
+        plot=_image_grid(images, 8) if images else None,
         images=images,
         size=(10.0, 1.3 * rows),
     )

@@ -366,6 +366,23 @@ def test_the_datapool_s_earlier_picks_are_drawn_apart_on_the_map() -> None:
     assert sections["Videos"].note == "No videos in this run."
 
 
+def test_a_run_that_processed_nothing_still_gets_every_section() -> None:
+    from pypdf import PdfReader
+
+    from tasks.describe import metadata_frame
+
+    metadata = metadata_frame([])
+    metadata["duplicate_of"] = metadata["filename"].map({})
+    metadata["selected"] = False
+    sampled = sample_embeddings(metadata, [], [])
+    data = ReportData({"run_id": "nothing-new"}, metadata, {}, [], sampled, lambda _: None)
+    sections = build_sections(data)
+    page = render_html(sections, "t").decode()
+    assert all(f"<h2>{title}</h2>" in page for title in SECTIONS)
+    assert "Nothing selected in this run." in page and "No corrupt objects" in page
+    assert len(PdfReader(io.BytesIO(render_pdf(sections, "t"))).pages) == len(SECTIONS)
+
+
 PROGRESS_SCRIPT = """
 import time
 from tasks.progress import TerminalProgress
