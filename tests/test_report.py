@@ -383,6 +383,22 @@ def test_a_run_that_processed_nothing_still_gets_every_section() -> None:
     assert len(PdfReader(io.BytesIO(render_pdf(sections, "t"))).pages) == len(SECTIONS)
 
 
+def test_a_report_that_cannot_be_drawn_is_logged_and_does_not_fail_the_run(tmp_path, caplog):
+    from tasks.export import Exported
+    from tasks.shards import CheckedShard, EmbeddedShard
+
+    checked = CheckedShard(0, "m.parquet", "c.json", (), True, 1, 0, 0, 0.0)
+    embedded = EmbeddedShard(0, "gone/embeddings.npy", 1, 0, 0.0)
+    exported = Exported(
+        "runs/r", _frame(1, picks=1), {}, {"run_id": "r"}, ("0.png",), ((checked, embedded),)
+    )
+    output = open_storage(str(tmp_path))
+    with caplog.at_level("ERROR", logger="tasks.report"):
+        write_run_reports(output, None, exported)
+    assert "could not be written" in caplog.text and "gone/embeddings.npy" in caplog.text
+    assert not output.exists("runs/r/report.html")
+
+
 PROGRESS_SCRIPT = """
 import time
 from tasks.progress import TerminalProgress
