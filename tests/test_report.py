@@ -348,7 +348,7 @@ def _sampled(metadata: pd.DataFrame) -> report_module.Sampled:
     return sample_embeddings(metadata, [vectors], picked)
 
 
-def test_the_datapool_s_earlier_picks_are_drawn_apart_on_the_map() -> None:
+def test_the_datapool_s_earlier_picks_are_sampled_and_drawn_apart_on_the_map() -> None:
     rng = np.random.default_rng(0)
     metadata = _frame(300, picks=20)
     vectors = rng.standard_normal((300, 8)).astype(np.float32)
@@ -356,14 +356,31 @@ def test_the_datapool_s_earlier_picks_are_drawn_apart_on_the_map() -> None:
         metadata, [vectors[:100], vectors[100:]], [f"{i}.png" for i in range(20)], vectors[:7]
     )
     assert len(sampled.selected) == len(sampled.random) == 20 and len(sampled.prior) == 7
-    np.testing.assert_allclose(
-        sampled.sample, vectors[sampled.sample_rows] / np.linalg.norm(
-            vectors[sampled.sample_rows], axis=1, keepdims=True), rtol=1e-5)  # fmt: skip
+    assert sampled.selected_rows.tolist() == list(range(20))
+    norms = np.linalg.norm(vectors[sampled.sample_rows], axis=1, keepdims=True)
+    np.testing.assert_allclose(sampled.sample, vectors[sampled.sample_rows] / norms, rtol=1e-5)
     data = ReportData({}, metadata, {}, [f"{i}.png" for i in range(20)], sampled, lambda _: None)
     sections = {s.title: s for s in build_sections(data)}
     assert [*sections] == SECTIONS
-    assert "datapool's earlier picks" in sections["Embedding map"].note
+    assert "blue: 7 of the datapool's earlier picks" in sections["Embedding map"].note
     assert sections["Videos"].note == "No videos in this run."
+
+
+def test_write_report_reads_the_datapool_prior_the_flow_names(tmp_path) -> None:
+    from tasks.export import Exported, write_report
+    from tasks.formats import npy_bytes
+    from tasks.shards import CheckedShard, EmbeddedShard
+
+    output = open_storage(str(tmp_path))
+    vectors = np.random.default_rng(0).standard_normal((30, 4)).astype(np.float32)
+    output.write("e.npy", npy_bytes(vectors))
+    output.write("prior.npy", npy_bytes(vectors[:5] + 1))
+    checked = CheckedShard(0, "m.parquet", "c.json", (), True, 30, 0, 0, 0.0)
+    shards = ((checked, EmbeddedShard(0, "e.npy", 30, 0, 0.0)),)
+    exported = Exported("runs/r", _frame(30, picks=3), {}, {"run_id": "r"}, ("0.png",), shards)
+    write_report(output, exported, prior_key="prior.npy")
+    assert output.exists("runs/r/report.json") and output.exists("runs/r/report.pdf")
+    assert "blue: 5 of the datapool" in output.read_text("runs/r/report.html")
 
 
 def test_a_run_that_processed_nothing_still_gets_every_section() -> None:
