@@ -53,7 +53,8 @@ class TerminalProgress:
     @classmethod
     def start(cls, enabled: bool | None = None, stream: IO[str] | None = None) -> TerminalProgress:
         """Start the display on `stream` (stdout). `enabled=None` decides by `wanted`;
-        True forces it on (a terminal is still needed to draw bars), False turns it off."""
+        False turns it off; True forces it on (off a terminal the bars are printed once,
+        without colour, when the display is closed)."""
         stream = stream or sys.stdout
         if enabled is None:
             enabled = wanted(stream)

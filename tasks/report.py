@@ -72,9 +72,9 @@ class Section:
     tables: list[Table] = field(default_factory=list)
     plot: Callable[[FigureBase], None] | None = None  # draws the section's figure
     size: tuple[float, float] = (10.0, 4.0)  # inches, of the figure in the HTML
-    # Thumbnails with captions (HTML grid; the PDF gets them drawn by `plot`).
+    # Thumbnails with captions: a grid in the HTML (instead of `plot`, which draws them
+    # for the PDF).
     images: list[tuple[str, bytes | None]] = field(default_factory=list)
-    image_columns: int = 8
 
 
 @dataclass(frozen=True)
@@ -579,13 +579,11 @@ def thumbnails_section(data: ReportData) -> Section:
         if order
         else "Nothing selected in this run."
     )
-    rows = -(-max(1, len(images)) // 8)
     return Section(
         "Selected samples",
         note=note,
         plot=_image_grid(images, 8) if images else None,
         images=images,
-        size=(10.0, 1.3 * rows),
     )
 
 
@@ -640,14 +638,12 @@ def duplicates_section(data: ReportData, coverage: tuple[np.ndarray, np.ndarray]
         f"the copy kept, and the {len(near)} unselected samples closest to a selected one "
         "(in the measured sample) with that selected sample. Thumbnails in pairs: removed, kept."
     )
-    rows = -(-max(1, len(images)) // 8)
     return Section(
         "Duplicates and near duplicates",
         note=note,
         tables=tables,
         plot=_image_grid(images, 8) if images else None,
         images=images,
-        size=(10.0, 1.3 * rows),
     )
 
 
@@ -839,9 +835,7 @@ def render_pdf(sections: list[Section], title: str) -> bytes:
 
 def write_reports(output: Storage, run: str, data: ReportData) -> tuple[int, int]:
     """Write `<run>/report.html` and `<run>/report.pdf`; returns their sizes in bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    # Figures are made without pyplot: no backend, no global state, safe in threads.
     sections = build_sections(data)
     title = f"curate run {data.report.get('run_id', '')}"
     page = render_html(sections, title)
