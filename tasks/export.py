@@ -23,7 +23,7 @@ from tasks.formats import csv_field, read_npy, read_parquet_bytes, text_lines, t
 from tasks.frames import export_frames
 from tasks.report import write_run_reports
 from tasks.shards import CheckedShard, EmbeddedShard, StepStats
-from tasks.storage import Storage
+from tasks.storage import Storage, open_storage
 
 RUN_METADATA_SCHEMA = METADATA_SCHEMA.add_columns(
     {
@@ -44,7 +44,7 @@ class Exported:
     # What report.html and report.pdf are drawn from (`tasks.report`).
     selected: tuple[str, ...] = ()  # this run's picks, in pick order
     shards: tuple[tuple[CheckedShard, EmbeddedShard], ...] = ()
-    source: Storage | None = None  # the input, for thumbnails of selected images
+    source_url: str | None = None  # the input, for thumbnails of selected images
 
 
 @dataclass
@@ -169,7 +169,7 @@ def export(
         document,
         selected=tuple(selected),
         shards=tuple(zip(checked, embedded, strict=True)),
-        source=source,
+        source_url=source.url,
     )
 
 
@@ -178,7 +178,8 @@ def write_report(output: Storage, exported: Exported, prior_key: str | None = No
     the datapool's earlier picks this run selected against (drawn apart on the map)."""
     output.write_text(f"{exported.run}/report.json", json.dumps(exported.report, indent=2))
     prior = read_npy(output, prior_key) if prior_key else None
-    write_run_reports(output, exported.source, exported, prior)
+    source = open_storage(exported.source_url) if exported.source_url else None
+    write_run_reports(output, source, exported, prior)
 
 
 def point_latest(output: Storage, exported: Exported) -> str:

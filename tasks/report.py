@@ -387,10 +387,15 @@ def _histograms(
     lo = min(float(v.min()) for v in present)
     hi = max(float(v.max()) for v in present)
     bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 41)
-    for values, (_, label), color in zip(finite, series, colors, strict=True):
+    # The first set filled, the others as outlines on top: overlaps stay readable.
+    for i, (values, (_, label), color) in enumerate(zip(finite, series, colors, strict=True)):
         if len(values):
             counts, _ = np.histogram(values, bins=bins)
-            ax.stairs(counts / len(values), bins, fill=True, alpha=0.45, color=color, label=label)
+            shares = counts / len(values)
+            if i == 0:
+                ax.stairs(shares, bins, fill=True, alpha=0.5, color=color, label=label)
+            else:
+                ax.stairs(shares, bins, color=color, linewidth=1.6, label=label)
     if legend:
         ax.legend(fontsize=8)
 
