@@ -18,6 +18,8 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from tasks.progress import TerminalProgress
+
 # Shares of the progress bar: listing, then check and embed of every shard, then the rest.
 _LISTED, _STREAMED = 0.05, 0.85
 MAX_CORRUPT_ROWS = 1000  # the table is for reading; corrupt_filenames.txt has them all
@@ -33,17 +35,32 @@ def artifact_key(kind: str, output: str) -> str:
 class RunProgress:
     """A progress artifact from 0 to 100 %: listing, then the check and embed of each
     shard (`done` counts finished step runs), then dedup, selection and export. Updates
-    are sent at most once a second (each is an API call)."""
+    are sent at most once a second (each is an API call). On a terminal (`curate run`)
+    the same counts draw a bar per step."""
 
     def __init__(self, output: str) -> None:
         self.id = create_progress_artifact(
             0.0, key=artifact_key("progress", output), description="curate run progress"
         )
+        self.terminal = TerminalProgress.start(None)  # on a terminal only
         self.shards = 0
+        self.samples = 0
         self.listed = False
         self.done = 0
         self._sent = -1.0
         self._at = 0.0
+
+    def listed_shard(self, samples: int) -> None:
+        self.shards += 1
+        self.samples += samples
+        self.terminal.add_step("check", total_shards=self.shards, total_samples=self.samples)
+        self.terminal.add_step("embed", total_shards=self.shards)
+        self.update()
+
+    def finished(self, step: str, samples: int, done: int) -> None:
+        self.terminal.advance(step, samples=samples)
+        self.done = done
+        self.update()
 
     @property
     def percent(self) -> float:
@@ -60,6 +77,10 @@ class RunProgress:
 
     def finish(self) -> None:
         self.update(force=True, percent=100.0)
+        self.close()
+
+    def close(self) -> None:
+        self.terminal.close()
 
 
 def publish_run(report: dict[str, Any], corrupt: dict[str, str], run_dir: str) -> str:

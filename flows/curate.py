@@ -189,9 +189,18 @@ def _locked(sections: dict[str, Any], logger: Any) -> str:
 
 
 def _curate(config: CurateConfig, output: Storage, run_id: str, logger: Any) -> str:
+    progress = RunProgress(config.output)
+    try:
+        return _stages(config, output, run_id, logger, progress)
+    finally:
+        progress.close()  # the terminal's bars, before the CLI prints its summary
+
+
+def _stages(
+    config: CurateConfig, output: Storage, run_id: str, logger: Any, progress: RunProgress
+) -> str:
     started = time.perf_counter()
     started_at = _now()
-    progress = RunProgress(config.output)
     pool = load_datapool(output)
     repair_latest(output, pool, logger)
     process_all = config.datasource.process_all
@@ -225,7 +234,9 @@ def _curate(config: CurateConfig, output: Storage, run_id: str, logger: Any) -> 
     source = open_storage(config.input)
     exported = export(output, source, summary, checked, embedded, duplicates, picked, started)
     exported.report.update(started_at=started_at, finished_at=_now())
-    run_dir = commit_run(config, output, pool, streams, exported, duplicates, picked, run_id)
+    run_dir = commit_run(
+        config, output, pool, streams, exported, duplicates, picked, run_id, prior_key
+    )
     log_outcome(exported, run_dir, logger)
     publish_run(exported.report, exported.corrupt, run_dir)
     progress.finish()
@@ -313,7 +324,10 @@ class Streams:
         from prefect.exceptions import UnfinishedRun
 
         try:
-            return self._collect(self.checks, steps.setdefault("check", StepStats()))
+            checked = self._collect("check", self.checks, steps.setdefault("check", StepStats()))
+            total = sum(shard.valid for shard in checked)
+            self.progress.terminal.add_step("embed", total_samples=total)
+            return checked
         except UnfinishedRun:
             # On a CPU a check waits for the previous embedding: when that failed, the
             # check never ran. Raise the embedding's own error, not "check not finished".
@@ -323,9 +337,10 @@ class Streams:
             raise
 
     def collect_embeddings(self, steps: dict[str, StepStats]) -> list[EmbeddedShard]:
-        return self._collect(self.embeds, steps.setdefault("embed", StepStats()))
+        embedded = self._collect("embed", self.embeds, steps.setdefault("embed", StepStats()))
+        return embedded
 
-    def _collect(self, futures: list[PrefectFuture[Any]], stats: StepStats) -> list[Any]:
+    def _collect(self, step: str, futures: list[PrefectFuture[Any]], stats: StepStats) -> list[Any]:
         """Results in order, with this run's cost of the step added to `stats`; the
         progress artifact moves as they finish."""
         results = []
@@ -339,8 +354,9 @@ class Streams:
                 stats.bytes_read += result.bytes_read
                 stats.retries += result.retries
             results.append(result)
-            self.progress.done = self._finished()
-            self.progress.update()
+            # check counts objects (a video is one), embed counts samples (its frames)
+            samples = self.found.shards[len(results) - 1].count if step == "check" else result.count
+            self.progress.finished(step, samples, self._finished())
         return results
 
     def embedding_report(self, config: CurateConfig) -> dict[str, Any]:
@@ -433,8 +449,7 @@ def stream_shards(
                 workers,
             )
         )
-        progress.shards = len(streams.checks)
-        progress.update()
+        progress.listed_shard(shard.count)
     progress.listed = True
     progress.update()
     found = streams.found
@@ -568,6 +583,7 @@ def commit_run(
     duplicates: dict[str, str],
     picked: dict[str, Any],
     run_id: str,
+    prior_key: str | None,
 ) -> str:
     """The datapool, last: this run's outcome merged in, published by one atomic write.
     The report first, then the commit, then LATEST: once the datapool holds this run's
@@ -598,7 +614,7 @@ def commit_run(
         "previous": pool.version,
         "process_all": process_all,
     }
-    write_report(output, exported)
+    write_report(output, exported, prior_key)
     if merged is not None:
         commit(output, pool, merged, run_id, config.datapool.keep_history, version)
     return point_latest(output, exported)

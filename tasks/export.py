@@ -21,7 +21,7 @@ import pandera.pandas as pa
 from tasks.describe import METADATA_SCHEMA, metadata_frame
 from tasks.formats import csv_field, read_npy, read_parquet_bytes, text_lines, to_parquet_bytes
 from tasks.shards import CheckedShard, EmbeddedShard, StepStats
-from tasks.storage import Storage
+from tasks.storage import Storage, open_storage
 
 RUN_METADATA_SCHEMA = METADATA_SCHEMA.add_columns(
     {
@@ -39,6 +39,10 @@ class Exported:
     metadata: pd.DataFrame  # the run's samples
     corrupt: dict[str, str]  # corrupt images and videos, with reasons
     report: dict[str, Any]  # report.json's content, written by `write_report`
+    # What report.html and report.pdf are drawn from (`tasks.report`).
+    selected: tuple[str, ...] = ()  # this run's picks, in pick order
+    shards: tuple[tuple[CheckedShard, EmbeddedShard], ...] = ()
+    source_url: str | None = None  # the input, for thumbnails of selected images
 
 
 @dataclass
@@ -160,11 +164,30 @@ def export(
         "frames": int(metadata["video"].notna().sum()),
         "selected_sequences": len(picked["sequences"]),
     }
-    return Exported(run, metadata, all_corrupt, document)
+    return Exported(
+        run,
+        metadata,
+        all_corrupt,
+        document,
+        selected=tuple(selected),
+        shards=tuple(zip(checked, embedded, strict=True)),
+        source_url=source.url,
+    )
 
 
-def write_report(output: Storage, exported: Exported) -> None:
+def write_report(output: Storage, exported: Exported, prior_key: str | None = None) -> None:
+    """Write report.json, then report.html and report.pdf. `prior_key` names the .npy of
+    the datapool's earlier picks this run selected against (drawn apart on the map). A
+    run that processed nothing has nothing to draw: its report.json says so, and the
+    drawing (seconds of matplotlib) would be most of a scheduled no-op run's cost."""
     output.write_text(f"{exported.run}/report.json", json.dumps(exported.report, indent=2))
+    if not exported.report["counts"]["processed"]:
+        return
+    from tasks.report import write_run_reports
+
+    prior = read_npy(output, prior_key) if prior_key else None
+    source = open_storage(exported.source_url) if exported.source_url else None
+    write_run_reports(output, source, exported, prior)
 
 
 def point_latest(output: Storage, exported: Exported) -> str:
