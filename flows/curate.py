@@ -366,12 +366,13 @@ def _curate(config: CurateConfig, output: Storage, run_id: str) -> str:
             embedded,
             duplicates_key,
             config.output,
-            config.selection.strategy,
+            config.selection,
             config.stopping_condition,
             config.seed,
             str(device),
             config.selected_sequence_length,
             prior_key,
+            config.input,
         )
         picked = json.loads(output.read(select_future.result()))
         _count_single(steps["select"], select_future, time.perf_counter() - t)

@@ -33,6 +33,7 @@ cheap there).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -42,6 +43,7 @@ from threadpoolctl import threadpool_limits
 __all__ = [
     "Balance",
     "Greedy",
+    "GreedyFn",
     "greedy",
     "knn_typicality",
     "plain_greedy",
@@ -84,6 +86,11 @@ class Greedy:
     # selected sample (pick order t >= 0, or -1 - j for prior row j; a pick: itself).
     distance: np.ndarray | None = None
     nearest: np.ndarray | None = None
+
+
+GreedyFn = Callable[
+    ..., Greedy
+]  # greedy's signature: (x, k, weights, min_distance, prior, balance, track)
 
 
 def _unit_check(x: np.ndarray) -> None:
