@@ -357,6 +357,7 @@ class _Pass:
             self.gathered = np.empty((capacity, q.shape[0]), np.float32)
         np.take(self.rows, candidates, axis=0, out=self.gathered[:size])
         rounded = -(-size // _ALIGN) * _ALIGN
+        self.gathered[size:rounded] = 0  # padding rows: no stale values (NaN warnings)
         d = _distances_into(self.gathered[:rounded], q, self.buffer[:rounded])[:size]
         closer = d < self.distance[candidates]
         self.moved(candidates[closer], d[closer], t)

@@ -14,7 +14,6 @@ torch on a GPU. Deterministic for a seed.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,20 +29,9 @@ from tasks.formats import npy_bytes, read_npy, read_parquet_bytes, to_parquet_by
 from tasks.keys import artifact_key, step_key
 from tasks.shards import CheckedShard, EmbeddedShard
 from tasks.storage import Storage, open_storage
-from tasks.strategies import Inputs, Selected, read_custom_metadata, run_strategies
+from tasks.strategies import Inputs, Selected, budget, read_custom_metadata, run_strategies
 
 _CHUNK = 1024  # prior rows per distance block
-
-
-def budget(stopping: StoppingCondition, n_candidates: int) -> int:
-    """How many samples to pick at most."""
-    if stopping.n_samples is not None:
-        return min(stopping.n_samples, n_candidates)
-    if stopping.proportion_samples is not None:
-        # round away float noise first: 0.07 * 100 is 7.000000000000001, not 8 samples
-        wanted = math.ceil(round(stopping.proportion_samples * n_candidates, 6))
-        return min(wanted, n_candidates)
-    return n_candidates  # min_distance alone decides
 
 
 def greedy_cover(

@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import pandas as pd
@@ -48,6 +49,7 @@ __all__ = [
     "Selected",
     "Strategy",
     "StrategyEntry",
+    "budget",
     "StrategyInput",
     "parse_strategies",
     "prediction_column",
@@ -55,6 +57,14 @@ __all__ = [
     "run_strategies",
     "shorthand",
 ]
+
+class StoppingLike(Protocol):
+    """`tasks.config.StoppingCondition` (which imports this module)."""
+
+    n_samples: int | None
+    proportion_samples: float | None
+    min_distance: float | None
+
 
 InputType = Literal["EMBEDDINGS", "SCORES", "PREDICTIONS", "METADATA", "RANDOM"]
 StrategyType = Literal["DIVERSITY", "WEIGHTS", "THRESHOLD", "BALANCE", "SIMILARITY", "TYPICALITY"]
@@ -228,6 +238,17 @@ def shorthand(strategy: str) -> list[StrategyEntry]:
         "random": [{"input": {"type": "RANDOM"}, "strategy": {"type": "WEIGHTS"}}],
     }
     return parse_strategies(lists[strategy])
+
+
+def budget(stopping: StoppingLike, n_candidates: int) -> int:
+    """How many samples to pick at most."""
+    if stopping.n_samples is not None:
+        return min(stopping.n_samples, n_candidates)
+    if stopping.proportion_samples is not None:
+        # round away float noise first: 0.07 * 100 is 7.000000000000001, not 8 samples
+        wanted = math.ceil(round(stopping.proportion_samples * n_candidates, 6))
+        return min(wanted, n_candidates)
+    return n_candidates  # min_distance alone decides
 
 
 # -- the inputs ---------------------------------------------------------------------
