@@ -85,9 +85,7 @@ def _unit_rows(vectors: np.ndarray) -> np.ndarray:
         return vectors
     if np.any(norms == 0):
         raise CurateError(f"embeddings: row {int(np.argmax(norms == 0))} is all zeros")
-    return (np.asarray(vectors, np.float32) / norms[:, None].astype(np.float32)).astype(
-        np.float32
-    )
+    return (np.asarray(vectors, np.float32) / norms[:, None].astype(np.float32)).astype(np.float32)
 
 
 def _parse(args: list[str]) -> tuple[dict[str, str], list[str]]:

@@ -58,6 +58,7 @@ __all__ = [
     "shorthand",
 ]
 
+
 class StoppingLike(Protocol):
     """`tasks.config.StoppingCondition` (which imports this module)."""
 
@@ -224,7 +225,9 @@ def parse_strategies(raw: Any) -> list[StrategyEntry]:
                 owner = owners.get(loc[0], StrategyEntry) if len(loc) > 1 else StrategyEntry
                 message = "unknown key" + _suggest(loc[-1], owner)
             key = ".".join(loc)
-            raise CurateError(f"config: {where}{'.' + key if key else ''}: {message}") from None
+            # the entry's own checks name their key in the message ("strategy.target: ...")
+            where_key = f"{where}.{key}: {message}" if key else f"{where}.{message}"
+            raise CurateError(f"config: {where_key}") from None
     return entries
 
 

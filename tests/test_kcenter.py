@@ -89,7 +89,9 @@ def test_ties_go_to_the_lowest_index() -> None:
 
 def test_min_distance_stops_at_the_right_pick() -> None:
     centres = _unit(np.eye(16)[:4])
-    x = _unit(np.repeat(centres, 25, axis=0) + np.random.default_rng(0).normal(scale=0.01, size=(100, 16)))
+    x = _unit(
+        np.repeat(centres, 25, axis=0) + np.random.default_rng(0).normal(scale=0.01, size=(100, 16))
+    )
     result = greedy(x, 100, min_distance=0.3, track=True)
     assert sorted(p // 25 for p in result.picks) == [0, 1, 2, 3]
     assert result.stopped == "min_distance"
