@@ -187,3 +187,19 @@ def test_select_step_writes_the_explanation_and_reads_custom_metadata_beside_the
     assert list(chosen["filename"]) == picked["selected"]
     assert (table["status"] == "threshold").sum() == 20
     assert "2:weights:brightness" in table.columns
+
+
+def test_gpu_pass_in_torch_gives_the_picks_of_the_cpu_pass() -> None:
+    """The torch plain pass (used on a GPU), run here on the CPU device."""
+    from tasks import kcenter
+    from tasks.select import torch_greedy
+
+    centres = _random(12, seed=4)
+    x = _clusters(centres, per=30, sigma=0.05)
+    weights = np.random.default_rng(0).random(len(x)).astype(np.float32) + 0.5
+    for options in ({}, {"weights": weights}, {"prior": x[:3].copy(), "min_distance": 0.05}):
+        on_torch = torch_greedy(CPU)(x, 40, **options)
+        on_cpu = kcenter.greedy(x, 40, **options)
+        assert on_torch.picks == on_cpu.picks
+        assert on_torch.stopped == on_cpu.stopped
+        assert np.allclose(on_torch.distances, on_cpu.distances, atol=1e-5)
