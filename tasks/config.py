@@ -171,7 +171,8 @@ class Selection(_Section):
 
     @model_validator(mode="after")
     def _one_way(self) -> Selection:
-        if self.strategies is not None and "strategy" in self.model_fields_set:
+        # "auto" may come back with the strategies from a dump (Prefect, report.json)
+        if self.strategies is not None and self.strategy != "auto":
             raise ValueError("set selection.strategy or selection.strategies, not both")
         return self
 

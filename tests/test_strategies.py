@@ -289,6 +289,16 @@ def test_strategies_come_through_the_config_and_its_yaml(tmp_path) -> None:  # t
         Selection(strategy="kcenter", strategies=[DIVERSITY])
 
 
+def test_a_config_with_strategies_survives_a_json_round_trip() -> None:
+    """Prefect sends the flow's parameters as JSON and validates them again."""
+    config = load_config(None, ["input=a", "output=b", "stopping_condition.n_samples=2"])
+    with_strategies = config.model_copy(
+        update={"selection": Selection(strategies=[DIVERSITY, _weights("sharpness")])}
+    )
+    again = type(config).model_validate(with_strategies.model_dump(mode="json"))
+    assert again.selection == with_strategies.selection
+
+
 def test_min_distance_cannot_exceed_two() -> None:
     with pytest.raises(CurateError, match="stopping_condition.min_distance"):
         load_config(None, ["input=a", "output=b", "stopping_condition.min_distance=2.5"])
