@@ -345,7 +345,10 @@ class _Pass:
                 self.full_streak += 1
                 self.skip_bound = min(2**self.full_streak, _MAX_SKIP)
             d = self.full_pass(q)
-            moved = np.flatnonzero((d < self.distance) & ~self.taken)
+            closer = d < self.distance
+            if self.weight is not None:  # unweighted, a taken row's -1 is never above d
+                closer &= ~self.taken
+            moved = np.flatnonzero(closer)
             self.moved(moved, d[moved], t)
             return
         self.full_streak = 0
