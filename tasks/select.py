@@ -25,6 +25,7 @@ from tasks import kcenter
 from tasks.caching import cached_step
 from tasks.config import Selection, StoppingCondition
 from tasks.device import pick_device
+from tasks.errors import CurateError
 from tasks.formats import npy_bytes, read_npy, read_parquet_bytes, to_parquet_bytes
 from tasks.keys import artifact_key, step_key
 from tasks.shards import CheckedShard, EmbeddedShard
@@ -252,7 +253,10 @@ def sample_table(
             extra.append(read_custom_metadata(folder.read, keys, ""))
     elif input_url is not None:
         source = open_storage(input_url)
-        keys = [o.key for o in source.list(CUSTOM_METADATA)]
+        try:
+            keys = [o.key for o in source.list(CUSTOM_METADATA)]
+        except CurateError:  # no such folder
+            keys = []
         if keys:
             extra.append(read_custom_metadata(source.read, keys, CUSTOM_METADATA))
     if predictions is not None:
@@ -300,8 +304,17 @@ def select_samples(
             candidates, sequence_length, selection, stopping, seed, on, prior
         )
     else:
+        # Look beside the input only for a METADATA key the run's metadata lacks.
+        custom = any(
+            e.input.type == "METADATA"
+            and str(e.input.key).removeprefix("lightly.") not in candidates.rows.columns
+            for e in selection.strategies or []
+        )
         table = sample_table(
-            candidates, input_url, selection.custom_metadata, selection.predictions
+            candidates,
+            input_url if custom else None,
+            selection.custom_metadata,
+            selection.predictions,
         )
         inputs = Inputs(candidates.names, candidates.embeddings, table, prior, read_file=read_file)
         chosen = choose(inputs, selection, stopping, seed, on)
