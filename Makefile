@@ -48,6 +48,7 @@ bench: install
 	$(PY) -m bench.bench_video
 	$(PY) -m bench.bench_incremental
 	$(PY) -m bench.bench_fixed_cost
+	$(PY) -m bench.bench_select
 
 clean:
 	rm -rf demo-output demo-data .pytest_cache .mypy_cache .ruff_cache

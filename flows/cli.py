@@ -145,8 +145,19 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("args", nargs="*", metavar="[CONFIG.yaml] KEY=VALUE")
+    select = commands.add_parser(
+        "select",
+        help="selection alone on embeddings you bring",
+        description="Selection alone: `curate select embeddings=FILE.npy|embeddings.csv "
+        "output=DIR stopping_condition.n_samples=K [names=FILE.txt] [selection...]`.",
+    )
+    select.add_argument("args", nargs="*", metavar="embeddings=FILE output=DIR KEY=VALUE")
     commands.add_parser("sanity-check", help="check the install")
     parsed = parser.parse_args(argv)
+    if parsed.command == "select":
+        from flows.select_only import main as select_main
+
+        return select_main(parsed.args)
     if parsed.command == "run":
         return _run(parsed.args)
     return _sanity_check()

@@ -556,12 +556,13 @@ def select(
         embedded,
         duplicates_key,
         config.output,
-        config.selection.strategy,
+        config.selection,
         config.stopping_condition,
         config.seed,
         str(streams.plan.device),
         config.selected_sequence_length,
         prior_key,
+        config.input,
     )
     picked: dict[str, Any] = json.loads(open_storage(config.output).read(future.result()))
     steps["select"] = _single_step(future, time.perf_counter() - started)

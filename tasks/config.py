@@ -14,9 +14,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tasks.errors import ConfigError
+from tasks.strategies import AUTO_TYPICALITY_BUDGET, StrategyEntry, parse_strategies, shorthand
 
 R = TypeVar("R")
 
@@ -108,8 +116,9 @@ class StoppingCondition(_Section):
     min_distance: float | None = Field(
         None,
         ge=0,
-        description="Stop when the next pick is closer than this (cosine distance) to "
-        "the selected set.",
+        le=2,
+        description="Stop when the next pick is closer than this (cosine distance, at "
+        "most 2) to the selected set.",
     )
 
     @model_validator(mode="after")
@@ -170,11 +179,60 @@ class Embedding(_Section):
 
 
 class Selection(_Section):
-    strategy: Literal["typical_coverage", "kcenter", "random"] = Field(
-        "typical_coverage",
-        description="typical_coverage: farthest-point coverage weighted by local "
-        "density (beats random at small budgets); kcenter: pure coreset; random.",
+    strategy: Literal["auto", "typical_coverage", "kcenter", "random"] = Field(
+        "auto",
+        description="A shorthand for `strategies`. typical_coverage: farthest-point "
+        "coverage weighted by typicality (DIVERSITY + TYPICALITY; beats pure coverage at "
+        "small budgets); kcenter: pure coreset (DIVERSITY); random; auto: "
+        "typical_coverage for budgets up to `typicality_budget` per candidate, kcenter "
+        "above.",
     )
+    strategies: list[StrategyEntry] | None = Field(
+        None,
+        description="Lightly-style list of {input: {type, key | task | score | name}, "
+        "strategy: {type, strength, threshold + operation | target | query | "
+        "stopping_condition_minimum_distance}} entries; replaces `strategy`.",
+    )
+    typicality_budget: float = Field(
+        AUTO_TYPICALITY_BUDGET,
+        ge=0,
+        le=1,
+        description="auto: the largest budget, as a share of the candidates, at which "
+        "typicality-weighted coverage is used.",
+    )
+    custom_metadata: str | None = Field(
+        None,
+        description="Per-sample metadata for METADATA inputs: a Parquet file (filename + "
+        "columns) or a folder of `<sample name>.json` files; default: "
+        "`<input>/.curate/metadata/` when present.",
+    )
+    predictions: str | None = Field(
+        None,
+        description="Predictions and scores for PREDICTIONS and SCORES inputs (Parquet, "
+        "see tasks/strategies.py PREDICTION_COLUMNS).",
+    )
+
+    @field_validator("strategies", mode="before")
+    @classmethod
+    def _strategies(cls, value: Any) -> Any:
+        return None if value is None else parse_strategies(value)
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Selection:
+        # "auto" may come back with the strategies from a dump (Prefect, report.json)
+        if self.strategies is not None and self.strategy != "auto":
+            raise ValueError("set selection.strategy or selection.strategies, not both")
+        return self
+
+    def entries(self, budget: int, candidates: int) -> list[StrategyEntry]:
+        """The strategies to run for a budget among this many candidates."""
+        if self.strategies is not None:
+            return self.strategies
+        strategy = self.strategy
+        if strategy == "auto":
+            small = budget <= self.typicality_budget * candidates
+            strategy = "typical_coverage" if small else "kcenter"
+        return shorthand(strategy)
 
 
 class CurateConfig(_Section):

@@ -136,6 +136,8 @@ def export(
     )
     if videos:
         output.write_text(f"{run}/data/videos.json", json.dumps(videos, indent=2, sort_keys=True))
+    if picked.get("explanation"):  # why each sample was picked, dropped or cut
+        output.write(f"{run}/data/selection.parquet", output.read(picked["explanation"]))
     if picked["sequences"]:
         output.write_text(
             f"{run}/sequence_information.json", json.dumps(picked["sequences"], indent=2)

@@ -1,67 +1,38 @@
-"""Select: the most valuable subset of the embeddings under a budget.
+"""Select: the most valuable subset of the embeddings under a budget, with the reasons.
 
 Pure k-center (coreset) covers the embedding space but picks outliers first, which can
-be worse than random for training at small budgets. The default, `typical_coverage`,
-picks greedily by (distance to the selected set) x (typicality), where typicality is
-the inverse mean distance to a point's nearest neighbours (as in TypiClust): each pick
-opens a new region of the space, but through its most representative member.
-Everything is vectorised in torch (GPU when present) and deterministic for a seed.
+be worse than random for training at small budgets. `typical_coverage` picks greedily by
+(distance to the selected set) x (typicality), where typicality is the inverse mean
+distance to a point's nearest neighbours (as in TypiClust): each pick opens a new region
+of the space, but through its most representative member. The default, `auto`, uses it
+at small budgets and plain coverage at large ones (see `tasks.strategies`). Any
+Lightly-style list of strategies runs through `tasks.strategies.run_strategies`; the
+greedy pass is `tasks.kcenter.greedy` on a CPU (exact, pruned) and the plain pass in
+torch on a GPU. Deterministic for a seed.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from tasks.caching import cached_step
-from tasks.config import StoppingCondition
+from tasks import kcenter
+from tasks.caching import cached_step, current_step_key
+from tasks.config import Selection, StoppingCondition
 from tasks.device import pick_device
-from tasks.formats import npy_bytes, read_npy, read_parquet_bytes
-from tasks.keys import artifact_key, step_key
+from tasks.errors import CurateError
+from tasks.formats import npy_bytes, read_npy, read_parquet_bytes, to_parquet_bytes
+from tasks.keys import artifact_key
 from tasks.shards import CheckedShard, EmbeddedShard
 from tasks.storage import Storage, open_storage
+from tasks.strategies import Inputs, Selected, budget, read_custom_metadata, run_strategies
 
-# Typicality is measured against a seeded sample of this many reference points, which
-# keeps it O(n) in the dataset size.
-TYPICALITY_REFERENCES = 5000
-TYPICALITY_NEIGHBOURS = 20
-_CHUNK = 1024  # rows per distance block: 1024 x 5000 floats, 20 MB
-
-
-def budget(stopping: StoppingCondition, n_candidates: int) -> int:
-    """How many samples to pick at most."""
-    if stopping.n_samples is not None:
-        return min(stopping.n_samples, n_candidates)
-    if stopping.proportion_samples is not None:
-        # round away float noise first: 0.07 * 100 is 7.000000000000001, not 8 samples
-        wanted = math.ceil(round(stopping.proportion_samples * n_candidates, 6))
-        return min(wanted, n_candidates)
-    return n_candidates  # min_distance alone decides
-
-
-def typicality(x: torch.Tensor, seed: int, k: int = TYPICALITY_NEIGHBOURS) -> torch.Tensor:
-    """1 / mean cosine distance to the k nearest reference points, scaled to max 1."""
-    n = len(x)
-    if n < 2:
-        return torch.ones(n, device=x.device)
-    generator = torch.Generator().manual_seed(seed)
-    if n > TYPICALITY_REFERENCES:
-        refs = x[torch.randperm(n, generator=generator)[:TYPICALITY_REFERENCES].to(x.device)]
-    else:
-        refs = x
-    k = max(1, min(k, len(refs) - 1))
-    scores = torch.empty(n, device=x.device)
-    for start in range(0, n, _CHUNK):
-        distances = (1 - x[start : start + _CHUNK] @ refs.T).clamp_(min=0)
-        # k+1 smallest: a point's distance to itself (0) is among them when it is a ref
-        nearest = distances.topk(k + 1, dim=1, largest=False).values[:, 1:]
-        scores[start : start + _CHUNK] = 1 / (nearest.mean(dim=1) + 1e-6)
-    return scores / scores.max()
+_CHUNK = 1024  # prior rows per distance block
 
 
 def greedy_cover(
@@ -70,20 +41,25 @@ def greedy_cover(
     weights: torch.Tensor | None,
     min_distance: float | None,
     selected: torch.Tensor | None = None,
-) -> list[int]:
-    """Farthest-point selection; with `weights`, a pick maximises distance x weight.
+    explain: bool = False,
+) -> Any:
+    """Farthest-point selection in torch; with `weights`, a pick maximises distance x
+    weight. The plain pass (all distances per pick), for GPUs.
 
     `selected` holds embeddings chosen before (e.g. the datapool's): distances start
     from them so new picks fill gaps. Stops after k picks, or when the best pick is
-    closer than `min_distance` to the selected set.
+    closer than `min_distance` to the selected set. With `explain`, returns (picks,
+    distance of each when picked, its score); else the picks.
     """
     n = len(x)
     distance = torch.full((n,), 2.0, device=x.device)  # cosine distance is at most 2
     if selected is not None and len(selected):
         for start in range(0, len(selected), _CHUNK):
             nearest = (1 - x @ selected[start : start + _CHUNK].T).min(dim=1).values
-            distance = torch.minimum(distance, nearest)
+            distance = torch.minimum(distance, nearest.clamp_(min=0))
     picks: list[int] = []
+    distances: list[float] = []
+    scores: list[float] = []
     taken = torch.zeros(n, dtype=torch.bool, device=x.device)
     while len(picks) < k:
         score = distance.clone() if weights is None else distance * weights
@@ -98,37 +74,79 @@ def greedy_cover(
         ):
             break
         picks.append(best)
+        distances.append(float(distance[best]))
+        scores.append(float(score[best]))
         taken[best] = True
         distance = torch.minimum(distance, (1 - x @ x[best]).clamp_(min=0))
-    return picks
+    return (picks, distances, scores) if explain else picks
+
+
+def torch_greedy(device: torch.device) -> kcenter.GreedyFn:
+    """The plain greedy pass in torch on `device` (a GPU: a full pass per pick is cheap
+    there), with `kcenter.greedy`'s signature; BALANCE and tracking go to kcenter."""
+
+    def run(
+        x: np.ndarray,
+        k: int,
+        weights: np.ndarray | None = None,
+        min_distance: float | None = None,
+        prior: np.ndarray | None = None,
+        balance: kcenter.Balance | None = None,
+        track: bool = False,
+    ) -> kcenter.Greedy:
+        if balance is not None or track:
+            return kcenter.greedy(x, k, weights, min_distance, prior, balance, track)
+        rows = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+        w = None if weights is None else torch.from_numpy(weights).to(device)
+        before = None if prior is None else torch.from_numpy(prior).float().to(device)
+        picks, distances, scores = greedy_cover(rows, k, w, min_distance, before, explain=True)
+        stopped = "budget" if len(picks) == k else "exhausted"
+        if len(picks) < k and min_distance is not None and len(picks) < len(x):
+            stopped = "min_distance"
+        factors = [1.0] * len(picks)
+        return kcenter.Greedy(picks, distances, scores, factors, stopped)
+
+    return run
+
+
+def greedy_for(device: torch.device) -> kcenter.GreedyFn:
+    return kcenter.greedy if device.type == "cpu" else torch_greedy(device)
+
+
+def choose(
+    inputs: Inputs,
+    selection: Selection,
+    stopping: StoppingCondition,
+    seed: int,
+    device: torch.device,
+) -> Selected:
+    """Picks among `inputs` (indices in pick order) and the explanation table."""
+    n = len(inputs.names)
+    k = budget(stopping, n)
+    entries = selection.entries(k, n)
+    return run_strategies(entries, inputs, k, stopping.min_distance, seed, greedy_for(device))
 
 
 def select(
     embeddings: np.ndarray,
-    strategy: str,
+    strategy: str | Selection,
     stopping: StoppingCondition,
     seed: int,
     device: torch.device,
     selected: np.ndarray | None = None,
 ) -> list[int]:
     """Indices into `embeddings` (L2-normalised rows), in pick order."""
-    n = len(embeddings)
-    k = budget(stopping, n)
-    if n == 0 or k == 0:
-        return []
-    if strategy == "random":
-        order = np.random.default_rng(seed).permutation(n)
-        return [int(i) for i in order[:k]]
-    x = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)).to(device)
-    prior = None if selected is None else torch.from_numpy(selected).float().to(device)
-    weights = typicality(x, seed) if strategy == "typical_coverage" else None
-    return greedy_cover(x, k, weights, stopping.min_distance, prior)
+    selection = strategy if isinstance(strategy, Selection) else Selection(strategy=strategy)
+    names = [str(i) for i in range(len(embeddings))]
+    inputs = Inputs(names, np.asarray(embeddings, dtype=np.float32), prior=selected)
+    return choose(inputs, selection, stopping, seed, device).picks
 
 
 @dataclass(frozen=True)
 class Candidates:
-    """Everything selection may pick from, in shard order, with where each frame is from
-    (`rows`: filename, video, frame_index, pts, seconds; video is null for images)."""
+    """Everything selection may pick from, in shard order, with their metadata rows
+    (`rows`: every metadata column, among them where each frame is from: filename,
+    video, frame_index, pts, seconds; video is null for images)."""
 
     names: list[str]
     embeddings: np.ndarray
@@ -147,7 +165,7 @@ def load_candidates(
     frames = []
     blocks = []
     for check, embed in zip(checked, embedded, strict=True):
-        metadata = read_parquet_bytes(storage.read(check.metadata))[FRAME_COLUMNS]
+        metadata = read_parquet_bytes(storage.read(check.metadata))
         vectors = read_npy(storage, embed.embeddings)
         keep = ~metadata["filename"].isin(excluded).to_numpy()
         frames.append(metadata[keep])
@@ -184,22 +202,72 @@ def sequence_information(candidates: Candidates, run: list[int]) -> dict[str, ob
 def select_sequences(
     candidates: Candidates,
     length: int,
-    strategy: str,
+    selection: Selection,
     stopping: StoppingCondition,
     seed: int,
     device: torch.device,
     prior: np.ndarray | None = None,
-) -> tuple[list[int], list[dict[str, object]]]:
+) -> tuple[list[int], list[dict[str, object]], pd.DataFrame]:
     """Select whole sequences by their mean frame embedding; (candidate indices of their
-    frames, sequences)."""
+    frames, sequences, the explanation with a sequence's first frame as its name)."""
     runs = sequences(candidates, length)
     if not runs:
-        return [], []
+        return [], [], pd.DataFrame()
     means = np.stack([candidates.embeddings[run].mean(axis=0) for run in runs])
     means /= np.linalg.norm(means, axis=1, keepdims=True).clip(min=1e-12)
-    picks = select(means, strategy, stopping, seed, device, prior)
-    frames = [i for pick in picks for i in runs[pick]]
-    return frames, [sequence_information(candidates, runs[pick]) for pick in picks]
+    names = [candidates.names[run[0]] for run in runs]
+    chosen = choose(Inputs(names, means, prior=prior), selection, stopping, seed, device)
+    frames = [i for pick in chosen.picks for i in runs[pick]]
+    information = [sequence_information(candidates, runs[pick]) for pick in chosen.picks]
+    return frames, information, chosen.explanation
+
+
+def _file_reader(url: str) -> tuple[Storage, str]:
+    """The storage holding a file's folder, and the file's key in it."""
+    folder, _, name = url.rstrip("/").rpartition("/")
+    return open_storage(folder or "."), name
+
+
+def read_file(url: str) -> bytes:
+    storage, name = _file_reader(url)
+    return storage.read(name)
+
+
+def sample_table(
+    candidates: Candidates,
+    input_url: str | None,
+    custom_metadata: str | None,
+    predictions: str | None,
+) -> pd.DataFrame:
+    """What METADATA, SCORES and PREDICTIONS inputs read: the run's metadata columns,
+    custom metadata (a Parquet file or a folder of `<name>.json`; by default
+    `<input>/.curate/metadata/` when it holds any), and a predictions file."""
+    table = candidates.rows
+    extra = []
+    if custom_metadata is not None:
+        if custom_metadata.endswith(".parquet"):
+            extra.append(read_custom_metadata(read_file, [custom_metadata], custom_metadata))
+        else:
+            folder = open_storage(custom_metadata)
+            keys = [o.key for o in folder.list()]
+            extra.append(read_custom_metadata(folder.read, keys, ""))
+    elif input_url is not None:
+        source = open_storage(input_url)
+        try:
+            keys = [o.key for o in source.list(CUSTOM_METADATA)]
+        except CurateError:  # no such folder
+            keys = []
+        if keys:
+            extra.append(read_custom_metadata(source.read, keys, CUSTOM_METADATA))
+    if predictions is not None:
+        extra.append(read_parquet_bytes(read_file(predictions)))
+    for more in extra:
+        new = [c for c in more.columns if c == "filename" or c not in table.columns]
+        table = table.merge(more[new], on="filename", how="left")
+    return table
+
+
+CUSTOM_METADATA = ".curate/metadata/"  # beside the input: <name>.json per sample
 
 
 @cached_step("select")
@@ -208,19 +276,23 @@ def select_samples(
     embedded: list[EmbeddedShard],
     duplicates_key: str | None,
     output_url: str,
-    strategy: str,
+    selection: Selection,
     stopping: StoppingCondition,
     seed: int,
     device: str,
     sequence_length: int | None = None,
     prior_key: str | None = None,
+    input_url: str | None = None,
 ) -> str:
     """Pick samples among the embedded, non-duplicate ones (or, with `sequence_length`,
     sequences of video frames); returns the key of a JSON object: `selected`, names in
     pick order, `embeddings`, the key of their vectors (.npy, same order, for the
-    datapool), and `sequences`, what each picked sequence holds. `prior_key` (.npy) holds
-    the embeddings selected by earlier runs: new picks keep their distance from them."""
-    key = step_key("select", dict(locals()))
+    datapool), `sequences`, what each picked sequence holds, and `explanation`, the key
+    of the table saying why (Parquet, `tasks.strategies.EXPLANATION_COLUMNS`).
+    `prior_key` (.npy) holds the embeddings selected by earlier runs: new picks keep
+    their distance from them. `input_url` is where custom metadata may lie beside the
+    input."""
+    key = current_step_key()
     output = open_storage(output_url)
     duplicates = json.loads(output.read(duplicates_key)) if duplicates_key else {}
     candidates = load_candidates(output, checked, embedded, set(duplicates))
@@ -228,17 +300,34 @@ def select_samples(
     prior = read_npy(output, prior_key) if prior_key else None
     runs: list[dict[str, object]] = []
     if sequence_length:
-        picks, runs = select_sequences(
-            candidates, sequence_length, strategy, stopping, seed, on, prior
+        picks, runs, explanation = select_sequences(
+            candidates, sequence_length, selection, stopping, seed, on, prior
         )
     else:
-        picks = select(candidates.embeddings, strategy, stopping, seed, on, prior)
+        # Look beside the input only for a METADATA key the run's metadata lacks.
+        custom = any(
+            e.input.type == "METADATA"
+            and str(e.input.key).removeprefix("lightly.") not in candidates.rows.columns
+            for e in selection.strategies or []
+        )
+        table = sample_table(
+            candidates,
+            input_url if custom else None,
+            selection.custom_metadata,
+            selection.predictions,
+        )
+        inputs = Inputs(candidates.names, candidates.embeddings, table, prior, read_file=read_file)
+        chosen = choose(inputs, selection, stopping, seed, on)
+        picks, explanation = chosen.picks, chosen.explanation
     vectors_key = artifact_key("select", key, ".npy")
     output.write(vectors_key, npy_bytes(candidates.embeddings[picks]))
+    explanation_key = artifact_key("select", key, ".parquet")
+    output.write(explanation_key, to_parquet_bytes(explanation))
     picked = {
         "selected": [candidates.names[i] for i in picks],
         "embeddings": vectors_key,
         "sequences": runs,
+        "explanation": explanation_key,
     }
     result_key = artifact_key("select", key, ".json")
     output.write(result_key, json.dumps(picked).encode())

@@ -122,3 +122,84 @@ def test_a_single_candidate_is_picked(strategy: str) -> None:
 
 def test_typical_coverage_of_a_single_candidate_picks_it() -> None:
     assert _pick(_random(1), "typical_coverage", n_samples=5) == [0]
+
+
+def test_select_step_writes_the_explanation_and_reads_custom_metadata_beside_the_input(
+    tmp_path,
+) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    import pandas as pd
+
+    from tasks.config import Selection
+    from tasks.formats import npy_bytes, to_parquet_bytes
+    from tasks.select import select_samples
+    from tasks.shards import CheckedShard, EmbeddedShard
+
+    out, source = tmp_path / "out", tmp_path / "in"
+    (out / "s").mkdir(parents=True)
+    names = [f"p/{i:02d}.jpg" for i in range(40)]
+    rows = pd.DataFrame(
+        {
+            "filename": names,
+            "video": [None] * 40,
+            "frame_index": [None] * 40,
+            "pts": [None] * 40,
+            "seconds": [None] * 40,
+            "brightness": np.linspace(0, 1, 40),
+        }
+    )
+    (out / "s/meta.parquet").write_bytes(to_parquet_bytes(rows))
+    centres = _unit(np.eye(16)[:4])
+    (out / "s/emb.npy").write_bytes(npy_bytes(_clusters(centres, per=10, sigma=0.01)))
+    for i, name in enumerate(names):  # custom metadata beside the input
+        target = source / ".curate/metadata" / f"{name}.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps({"metadata": {"camera": {"id": i % 2}}}))
+    checked = CheckedShard(0, "s/meta.parquet", "s/c.json", (), True, 40, 0, 0, 0.0)
+    embedded = EmbeddedShard(0, "s/emb.npy", 40, 0, 0.0)
+    selection = Selection(
+        strategies=[
+            {"input": {"type": "EMBEDDINGS"}, "strategy": {"type": "DIVERSITY"}},
+            {
+                "input": {"type": "METADATA", "key": "camera.id"},
+                "strategy": {"type": "THRESHOLD", "threshold": 1, "operation": "BIGGER_EQUAL"},
+            },
+            {"input": {"type": "METADATA", "key": "brightness"}, "strategy": {"type": "WEIGHTS"}},
+        ]
+    )
+    key = select_samples.fn(
+        [checked],
+        [embedded],
+        None,
+        str(out),
+        selection,
+        StoppingCondition(n_samples=4),
+        0,
+        "cpu",
+        input_url=str(source),
+    )
+    picked = json.loads((out / key).read_text())
+    assert len(picked["selected"]) == 4
+    assert all(names.index(n) % 2 == 1 for n in picked["selected"])  # camera 1 only
+    table = pd.read_parquet(out / picked["explanation"])
+    chosen = table[table["status"] == "selected"].sort_values("pick_order")
+    assert list(chosen["filename"]) == picked["selected"]
+    assert (table["status"] == "threshold").sum() == 20
+    assert "2:weights:brightness" in table.columns
+
+
+def test_gpu_pass_in_torch_gives_the_picks_of_the_cpu_pass() -> None:
+    """The torch plain pass (used on a GPU), run here on the CPU device."""
+    from tasks import kcenter
+    from tasks.select import torch_greedy
+
+    centres = _random(12, seed=4)
+    x = _clusters(centres, per=30, sigma=0.05)
+    weights = np.random.default_rng(0).random(len(x)).astype(np.float32) + 0.5
+    for options in ({}, {"weights": weights}, {"prior": x[:3].copy(), "min_distance": 0.05}):
+        on_torch = torch_greedy(CPU)(x, 40, **options)
+        on_cpu = kcenter.greedy(x, 40, **options)
+        assert on_torch.picks == on_cpu.picks
+        assert on_torch.stopped == on_cpu.stopped
+        assert np.allclose(on_torch.distances, on_cpu.distances, atol=1e-5)

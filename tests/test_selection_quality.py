@@ -38,6 +38,9 @@ def test_default_selection_beats_the_mean_of_20_random_subsets(
     index = {name: i for i, name in enumerate(names)}
     selected = np.array([index[name] for name in run.names("selected")])
     assert len(selected) == budget
+    explained = pd.read_parquet(run.path / "data/selection.parquet")
+    picked = explained[explained["status"] == "selected"].sort_values("pick_order")
+    assert list(picked["filename"]) == run.names("selected")
 
     ours = one_nn_accuracy(vectors, labels, selected)
     random = np.mean(
