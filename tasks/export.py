@@ -183,7 +183,7 @@ def write_report(output: Storage, exported: Exported, prior_key: str | None = No
     run that processed nothing has nothing to draw: its report.json says so, and the
     drawing (seconds of matplotlib) would be most of a scheduled no-op run's cost."""
     output.write_text(f"{exported.run}/report.json", json.dumps(exported.report, indent=2))
-    if not exported.report["counts"]["processed"]:
+    if exported.report.get("counts", {}).get("processed") == 0:
         return
     from tasks.report import write_run_reports
 

@@ -21,7 +21,6 @@ import pytest
 from PIL import Image
 
 from flows.demo import make_demo_videos
-from tasks import export as export_module
 from tasks import report as report_module
 from tasks.progress import CI_VARIABLES
 from tasks.report import (
@@ -87,11 +86,11 @@ def demo_run(
         )
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(export_module, "write_run_reports", recording)
+        patch.setattr(report_module, "write_run_reports", recording)
         run_dir = curate(
-            load_config(
+            **load_config(
                 None, [f"input={folder}", f"output={output}", "stopping_condition.n_samples=40"]
-            )
+            ).sections()
         )
     return DemoRun(Path(run_dir), output, calls)
 
