@@ -153,7 +153,8 @@ def load_classifier(settings: Pretagging, default_model: str, device: torch.devi
     except CurateError as exc:  # it names embedding.model
         raise CurateError(str(exc).replace("embedding.model", "pretagging.model")) from None
     model = timm.create_model(architecture, pretrained=False, num_classes=len(names))
-    head = str(model.pretrained_cfg.get("classifier", "fc"))
+    pretrained_cfg: dict[str, Any] = getattr(model, "pretrained_cfg", None) or {}
+    head = str(pretrained_cfg.get("classifier", "fc"))
     outputs = found.state_dict.get(f"{head}.weight")
     if outputs is not None and outputs.ndim >= 1 and outputs.shape[0] != len(names):
         raise CurateError(
