@@ -3,6 +3,7 @@ made, every epoch runs from one read of the inputs, bad settings name their key.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,3 +169,66 @@ def test_parts_beyond_the_cache_are_read_again_each_epoch_with_a_warning(
 def test_inputs_that_are_not_uint8_rgb_are_refused() -> None:
     with pytest.raises(ValueError, match="uint8 N x H x W x 3"):
         TrainingSet.from_arrays([np.zeros((4, 8, 8), np.uint8)])
+
+
+def test_the_train_step_runs_once_per_data_and_settings_and_reads_inputs_once(
+    prefect_server: None, tmp_path: Path
+) -> None:
+    from prefect import flow
+
+    from flows.demo import encode
+    from tasks.check import check_shard
+    from tasks.shards import Shard, manifest_bytes
+    from tasks.storage import open_storage
+    from tasks.train import train_step
+
+    images, _ = digit_images(32)
+    folder = tmp_path / "input"
+    folder.mkdir()
+    for i, image in enumerate(images[:160]):
+        (folder / f"{i:03d}.png").write_bytes(encode(image, "PNG"))
+    out = tmp_path / "output"
+    output = open_storage(str(out))
+    objects = sorted(open_storage(str(folder)).list(), key=lambda o: o.key)
+    output.write("manifests/0.jsonl", manifest_bytes(objects))
+    output.write("dups.json", b'{"001.png": "000.png"}')
+    shard = Shard(0, "digits", "manifests/0.jsonl", len(objects), sum(o.size for o in objects))
+    settings = _settings(max_epochs=3)
+
+    @flow
+    def run(settings: Training) -> object:
+        checked = check_shard(shard, str(folder), str(out), 2**30, True, 32, 1)
+        return train_step(
+            [checked],
+            "dups.json",
+            str(folder),
+            str(out),
+            MODEL,
+            settings,
+            None,
+            32,
+            0,
+            "cpu",
+            1,
+            return_state=True,
+        )
+
+    first, second = run(settings), run(settings)
+    assert first.name == "Completed" and second.name == "Cached"
+    trained = second.result()
+    assert trained == first.result() and trained.samples == 159  # the duplicate is left out
+    # Three epochs read the check's model inputs once (plus the metadata and duplicates).
+    inputs_bytes = 160 * 32 * 32 * 3
+    assert inputs_bytes <= trained.bytes_read <= 1.1 * inputs_bytes
+    summary = json.loads(output.read(trained.summary))
+    assert summary["method"] == "simclr" and len(summary["loss"]) == 3
+    path = out / trained.checkpoint
+    embedder = Embedder(
+        build_model(MODEL, resolve_weights(str(path), False, 0), str(path), CPU), CPU
+    )
+    assert embedder.embed(digits_of(images[:4]), 4).shape == (4, embedder.dim)
+    assert run(settings.model_copy(update={"max_epochs": 2})).name == "Completed"  # retrained
+
+
+def digits_of(images: list) -> np.ndarray:
+    return np.stack([np.asarray(image) for image in images])
