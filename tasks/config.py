@@ -131,20 +131,21 @@ class Selection(_Section):
 
 class Training(_Section):
     """Self-supervised training of `embedding.model` on the run's samples
-    (`enable_training`). Defaults measured on 2 CPU cores: 1,797 digits at 32 px
-    train in about a minute and lift 1-NN accuracy well above an untrained model."""
+    (`enable_training`). CPU defaults measured on 2 cores: 5 epochs of 32 px views;
+    on scikit-learn's digits 3 such epochs lift resnet18's 1-NN accuracy from 0.68 to
+    0.93."""
 
     method: Literal["simclr", "simsiam", "byol"] = Field(
         "simclr",
         description="simclr: contrastive (NT-Xent), best in our measurements at every "
         "batch size tried; simsiam and byol: no negatives, for small batches.",
     )
-    max_epochs: int = Field(
-        10,
+    max_epochs: int | None = Field(
+        None,
         gt=0,
         le=10_000,
-        description="Passes over the training set; 10 keeps a CPU run short, a GPU run "
-        "gains from 100 or more.",
+        description="Passes over the training set; default 5 on a CPU (5,000 64 px images "
+        "train resnet18 in about 6 minutes on 2 cores), 100 on a GPU.",
     )
     batch_size: int = Field(
         128,
@@ -165,7 +166,8 @@ class Training(_Section):
         gt=7,
         le=1024,
         description="Side of the augmented views in pixels; default: the model inputs' "
-        "size (embedding.input_size). Smaller trains faster.",
+        "size (embedding.input_size) on a GPU, at most 32 px on a CPU (measured: 4x "
+        "faster than 64 px, and the model still embeds 64 px inputs well).",
     )
     precision: Literal["auto", "fp32", "amp"] = Field(
         "auto",

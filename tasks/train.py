@@ -269,6 +269,17 @@ def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def default_view_size(input_size: int, device: torch.device) -> int:
+    """The model inputs' size on a GPU; on a CPU at most 32 px, where resnet18 trains about
+    4x faster than at 64 px and its features still embed 64 px inputs well."""
+    return input_size if device.type == "cuda" else min(input_size, 32)
+
+
+def epochs(settings: Training, device: torch.device) -> int:
+    """`training.max_epochs`, or its default: 5 on a CPU, 100 on a GPU."""
+    return settings.max_epochs or (100 if device.type == "cuda" else 5)
+
+
 def initial_backbone(model: str, resume_from: str | None, seed: int) -> nn.Module:
     """A seeded random backbone, or the weights of `resume_from` (a backbone checkpoint:
     one this step wrote, or any that `embedding.checkpoint` takes)."""
@@ -303,7 +314,7 @@ def train(
     torch.manual_seed(seed)
     backbone = initial_backbone(model, settings.resume_from, seed)
     config = timm.data.resolve_data_config({}, model=backbone)
-    size = settings.input_size or data.shape[0]
+    size = settings.input_size or default_view_size(data.shape[0], device)
     augment = augmentation(size, config["mean"], config["std"]).to(device)
     method = _METHODS[settings.method](backbone).to(device).train()
     amp = _amp_dtype(settings.precision, device)
@@ -315,8 +326,9 @@ def train(
         momentum=0.9,
         weight_decay=settings.weight_decay,
     )
+    max_epochs = epochs(settings, device)
     steps_per_epoch = len(data) // settings.batch_size
-    total_steps = steps_per_epoch * settings.max_epochs
+    total_steps = steps_per_epoch * max_epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps))
     )
@@ -332,7 +344,7 @@ def train(
     )
     started = time.perf_counter()
     step = 0
-    for epoch in range(1, settings.max_epochs + 1):
+    for epoch in range(1, max_epochs + 1):
         epoch_started = time.perf_counter()
         total = torch.zeros((), device=device)
         seen = 0
@@ -361,7 +373,7 @@ def train(
         result.loss.append(float(total) / steps_per_epoch)
         result.samples_per_second.append(seen / seconds)
         if progress is not None:
-            progress(Progress(epoch, settings.max_epochs, result.loss[-1], seen / seconds))
+            progress(Progress(epoch, max_epochs, result.loss[-1], seen / seconds))
     result.seconds = time.perf_counter() - started
     backbone.eval()
     result.state_dict = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
@@ -478,7 +490,7 @@ def train_step(
         model,
         training.method,
         len(data),
-        training.max_epochs,
+        epochs(training, pick_device(device)),
     )
 
     def report(p: Progress) -> None:
