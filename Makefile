@@ -44,6 +44,7 @@ bench: install
 	$(PY) -m bench.bench_s3_read
 	$(PY) -m bench.bench_video
 	$(PY) -m bench.bench_incremental
+	$(PY) -m bench.bench_train
 
 clean:
 	rm -rf demo-output demo-data .pytest_cache .mypy_cache .ruff_cache

@@ -40,7 +40,7 @@ from tasks.train import (
 )
 
 CPU = torch.device("cpu")
-SHARD = 2000
+SHARD = 400  # images per .npy part (the check writes one per shard)
 
 
 def make_inputs(n: int, size: int = 64) -> np.ndarray:
@@ -118,14 +118,16 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         data, _, _ = stored_training_set(inputs, folder, Training().cache_bytes)
-        # Interleaved, second epochs only (the first warms up allocators and kernels).
-        bare = bare_loop(inputs, model, settings, 0)[-1]
-        ours = train(data, model, settings, 0, CPU).samples_per_second[-1]
-        bare = max(bare, bare_loop(inputs, model, settings, 0)[-1])
+        # Interleaved, best of two, second epochs only (the first warms up allocators and
+        # kernels): the other users of a shared machine come and go.
+        bare = ours = 0.0
+        for _ in range(2):
+            bare = max(bare, bare_loop(inputs, model, settings, 0)[-1])
+            ours = max(ours, train(data, model, settings, 0, CPU).samples_per_second[-1])
     print(f"samples/s, {model} simclr 64 px inputs, 32 px views, batch 128, 2 cores:")
     print(f"  pipeline {ours:.1f}, bare loop {bare:.1f}: ratio {ours / bare:.2f} (target >= 0.9)")
 
-    small = make_inputs(2 * SHARD + 500)
+    small = make_inputs(3 * SHARD + 100)
     tiny = Training(max_epochs=10, batch_size=128)
     for cache_bytes in (Training().cache_bytes, 0):
         with tempfile.TemporaryDirectory() as folder:

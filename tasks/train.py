@@ -528,3 +528,33 @@ def resume_weights(training: Training) -> str | None:
     if not path.is_file():
         raise CurateError(f"training.resume_from: {training.resume_from} is not a file")
     return resolve_weights(str(path), False, 0).identity
+
+
+def run_files(output: Storage, trained: TrainedModel) -> dict[str, bytes]:
+    """What a run directory gets from training, by path relative to it: the checkpoint
+    and `data/training.json`."""
+    return {
+        checkpoint_name(trained.model, trained.method): output.read(trained.checkpoint),
+        "data/training.json": output.read(trained.summary),
+    }
+
+
+_downloaded: dict[tuple[str, str], str] = {}
+
+
+def local_checkpoint(output_url: str, key: str) -> str:
+    """A local path of a checkpoint in the output, for `embedding.checkpoint`: the file
+    itself on a local output, else a copy in a temporary folder (once per process)."""
+    from tasks.storage import LocalStorage
+
+    storage = open_storage(output_url)
+    if isinstance(storage, LocalStorage):
+        return str(storage.root / key)
+    if (output_url, key) not in _downloaded:
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="curate-checkpoint-"))
+        path = folder / Path(key).name
+        path.write_bytes(storage.read(key))
+        _downloaded[(output_url, key)] = str(path)
+    return _downloaded[(output_url, key)]

@@ -180,7 +180,7 @@ def test_the_train_step_runs_once_per_data_and_settings_and_reads_inputs_once(
     from tasks.check import check_shard
     from tasks.shards import Shard, manifest_bytes
     from tasks.storage import open_storage
-    from tasks.train import train_step
+    from tasks.train import local_checkpoint, run_files, train_step
 
     images, _ = digit_images(32)
     folder = tmp_path / "input"
@@ -222,7 +222,10 @@ def test_the_train_step_runs_once_per_data_and_settings_and_reads_inputs_once(
     assert inputs_bytes <= trained.bytes_read <= 1.1 * inputs_bytes
     summary = json.loads(output.read(trained.summary))
     assert summary["method"] == "simclr" and len(summary["loss"]) == 3
-    path = out / trained.checkpoint
+    path = Path(local_checkpoint(str(out), trained.checkpoint))
+    assert path == out / trained.checkpoint
+    files = run_files(output, trained)
+    assert set(files) == {"checkpoints/test_resnet-simclr.safetensors", "data/training.json"}
     embedder = Embedder(
         build_model(MODEL, resolve_weights(str(path), False, 0), str(path), CPU), CPU
     )
