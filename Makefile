@@ -13,7 +13,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install $(PIP_QUIET) -c constraints.txt -e ".[dev]" > $(VENV)/install.log 2>&1 \
 		|| { grep -v "^WARNING: Location" $(VENV)/install.log; exit 1; }
-	$(PY) -c "import flows.cli, tasks.embed"  # fail here, not later, if the install is broken
+	$(PY) -m pip install $(PIP_QUIET) --no-deps -c constraints.txt lightly==1.6.0  # see pyproject
+	$(PY) -c "import flows.cli, tasks.embed, tasks.train, lightly.loss, kornia.augmentation"
 	touch $@
 	@echo "make install: done ($(VENV)/bin/curate)"
 
@@ -49,6 +50,7 @@ bench: install
 	$(PY) -m bench.bench_incremental
 	$(PY) -m bench.bench_fixed_cost
 	$(PY) -m bench.bench_select
+	$(PY) -m bench.bench_train
 
 clean:
 	rm -rf demo-output demo-data .pytest_cache .mypy_cache .ruff_cache
