@@ -20,6 +20,7 @@ PyAV: a run with nothing new never pays for them, and a bad parameter fails at o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -216,6 +217,11 @@ def _stages(
     checked = streams.collect_checks(steps)
     prior_key, prior_hashes_key = prior_artifacts(output, pool, streams.found, process_all)
     duplicates_key = find_duplicates(config, checked, prior_hashes_key, streams, steps)
+    pretag_keys: list[str] = []
+    if streams.deferred(config) and streams.plan is not None:
+        pretag_keys = train_and_pretag(
+            config, pool, output, checked, duplicates_key, streams, steps, logger
+        )
     embedded = streams.collect_embeddings(steps)
     picked = select(config, checked, embedded, duplicates_key, prior_key, streams, steps)
     log_steps(steps, logger)
@@ -233,6 +239,7 @@ def _stages(
     )
     source = open_storage(config.input)
     exported = export(output, source, summary, checked, embedded, duplicates, picked, started)
+    write_training_files(output, exported.run, streams, pretag_keys)
     exported.report.update(started_at=started_at, finished_at=_now())
     run_dir = commit_run(
         config, output, pool, streams, exported, duplicates, picked, run_id, prior_key
@@ -251,6 +258,7 @@ class EmbeddingPlan:
     device: torch.device
     input_size: int
     weights: Weights
+    checkpoint: str | None  # the local weights file, when weights come from one
     identity: dict[str, Any]  # what makes embeddings comparable (the datapool's model)
 
 
@@ -269,7 +277,7 @@ def plan_embedding(config: CurateConfig) -> EmbeddingPlan:
         "weights_identity": weights.identity,
         "input_size": input_size,
     }
-    return EmbeddingPlan(device, input_size, weights, identity)
+    return EmbeddingPlan(device, input_size, weights, emb.checkpoint, identity)
 
 
 def check_model(pool: Datapool, identity: dict[str, Any], output: Storage) -> None:
@@ -306,8 +314,15 @@ class Streams:
         self.progress = progress
         self.results = result_storage(output)
         self.plan: EmbeddingPlan | None = None
+        self.shards: list[Shard] = []
+        self.trained: Any = None  # tasks.train.TrainedModel when training ran
         self.checks: list[PrefectFuture[CheckedShard]] = []
         self.embeds: list[PrefectFuture[EmbeddedShard]] = []
+
+    @staticmethod
+    def deferred(config: CurateConfig) -> bool:
+        """Embeddings wait for all checks when training or pretagging comes first."""
+        return config.enable_training or config.pretagging.checkpoint is not None
 
     def discover_stats(self) -> StepStats:
         found = self.found
@@ -388,11 +403,11 @@ def stream_shards(
         if streams.plan is None:
             # Only a run with something new pays for torch, timm and PyAV.
             from tasks.check import check_shard
-            from tasks.embed import embed_shard
             from tasks.frames import check_video_shard
 
             streams.plan = plan_embedding(config)
-            if not config.datasource.process_all:
+            # A run that trains first compares its trained model, once it has it.
+            if not config.datasource.process_all and not config.enable_training:
                 check_model(pool, streams.plan.identity, output)
             plan = streams.plan
             logger.info(
@@ -434,21 +449,9 @@ def stream_shards(
                 wait_for=wait_for,
             )
         streams.checks.append(checked)
-        emb = config.embedding
-        streams.embeds.append(
-            embed_shard.with_options(**step_options("embed")).submit(  # type: ignore[call-overload]
-                checked,
-                config.input,
-                config.output,
-                emb.model,
-                plan.weights,
-                emb.checkpoint,
-                plan.input_size,
-                str(plan.device),
-                emb.batch_size,
-                workers,
-            )
-        )
+        streams.shards.append(shard)
+        if not streams.deferred(config):
+            streams.embeds.append(submit_embed(config, plan, shard, checked, streams.results))
         progress.listed_shard(shard.count)
     progress.listed = True
     progress.update()
@@ -463,6 +466,128 @@ def stream_shards(
         found.skipped,
     )
     return streams
+
+
+def submit_embed(
+    config: CurateConfig,
+    plan: EmbeddingPlan,
+    shard: Shard,
+    checked: Any,
+    results: Path | OutputResults,
+    wait_for: list[PrefectFuture[Any]] | None = None,
+) -> PrefectFuture[EmbeddedShard]:
+    """The embed step of one shard (`checked`: its check's future or result)."""
+    from tasks.embed import embed_shard
+
+    emb = config.embedding
+    return embed_shard.with_options(**_task_options(shard, results)("embed")).submit(  # type: ignore[call-overload, no-any-return]
+        checked,
+        config.input,
+        config.output,
+        emb.model,
+        plan.weights,
+        plan.checkpoint,
+        plan.input_size,
+        str(plan.device),
+        emb.batch_size,
+        num_workers(config.num_workers),
+        wait_for=wait_for or [],
+    )
+
+
+def train_and_pretag(
+    config: CurateConfig,
+    pool: Datapool,
+    output: Storage,
+    checked: list[CheckedShard],
+    duplicates_key: str | None,
+    streams: Streams,
+    steps: dict[str, StepStats],
+    logger: Any,
+) -> list[str]:
+    """With `enable_training`, train the backbone on the checked, deduplicated samples
+    and embed with it (a trained model is a model change for the datapool); with
+    `pretagging.checkpoint`, predict classes before each embedding (which deletes the
+    model inputs both read). Submits every deferred embedding; returns the pretag keys."""
+    from tasks.pretag import pretag_identity, pretag_shard
+    from tasks.train import local_checkpoint, resume_weights, train_step
+
+    plan = streams.plan
+    assert plan is not None
+    workers = num_workers(config.num_workers)
+    if config.enable_training and checked:
+        started = time.perf_counter()
+        future = train_step.with_options(
+            task_run_name=f"train {config.training.method} on {len(checked)} shards",
+            result_storage=streams.results,
+            tags={"step:train", "pool:local"},
+        ).submit(
+            checked,
+            duplicates_key,
+            config.input,
+            config.output,
+            config.embedding.model,
+            config.training,
+            resume_weights(config.training),
+            plan.input_size,
+            config.seed,
+            str(plan.device),
+            workers,
+        )
+        trained = future.result()
+        checkpoint = local_checkpoint(config.output, trained.checkpoint)
+        weights = resolve_weights(checkpoint, False, config.seed)
+        identity = plan.identity | {"weights": "trained", "weights_identity": weights.identity}
+        plan = dataclasses.replace(plan, weights=weights, checkpoint=checkpoint, identity=identity)
+        streams.plan, streams.trained = plan, trained
+        if not config.datasource.process_all:
+            check_model(pool, identity, output)
+        cached = future.state.name == "Cached"
+        seconds = 0.0 if cached else time.perf_counter() - started
+        steps["train"] = StepStats(
+            seconds=seconds,
+            bytes_read=0 if cached else trained.bytes_read,
+            shards=1,
+            cached_shards=int(cached),
+        )
+        logger.info("embedding with the trained %s (%s)", trained.method, weights.describe())
+    pretags: list[PrefectFuture[str]] = []
+    if config.pretagging.checkpoint:
+        identity_of_checkpoint = pretag_identity(config.pretagging)
+        for shard, check in zip(streams.shards, checked, strict=True):
+            pretags.append(
+                pretag_shard.with_options(**_task_options(shard, streams.results)("pretag")).submit(
+                    check,
+                    config.input,
+                    config.output,
+                    config.pretagging,
+                    identity_of_checkpoint,
+                    config.embedding.model,
+                    plan.input_size,
+                    str(plan.device),
+                    workers,
+                )
+            )
+    for i, (shard, check) in enumerate(zip(streams.shards, checked, strict=True)):
+        wait = [pretags[i]] if pretags else None
+        streams.embeds.append(submit_embed(config, plan, shard, check, streams.results, wait))
+    return [future.result() for future in pretags]
+
+
+def write_training_files(
+    output: Storage, run: str, streams: Streams, pretag_keys: list[str]
+) -> None:
+    """The run directory's checkpoint, data/training.json and data/predictions.parquet."""
+    if streams.trained is not None:
+        from tasks.train import run_files
+
+        for path, data in run_files(output, streams.trained).items():
+            output.write(f"{run}/{path}", data)
+    if pretag_keys:
+        from tasks.predictions import PREDICTIONS_FILE
+        from tasks.pretag import merge_predictions
+
+        output.write(f"{run}/{PREDICTIONS_FILE}", merge_predictions(output, pretag_keys))
 
 
 def _task_options(shard: Shard, results: Path | OutputResults) -> Callable[[str], dict[str, Any]]:

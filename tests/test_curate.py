@@ -166,3 +166,34 @@ def test_num_workers_setting_is_honoured():
     assert num_workers(3) == 3
     assert num_workers(-1) >= 1
     assert num_workers(0) == 1
+
+
+def test_enable_training_embeds_with_the_trained_checkpoint_and_a_rerun_takes_it_from_the_cache(
+    digits_folder, run_curate, tmp_path
+):
+    args = (
+        f"input={digits_folder}",
+        f"output={tmp_path}",
+        "stopping_condition.n_samples=20",
+        "datasource.relevant_filenames_file=" + str(_first_digits(tmp_path, 300)),
+        "enable_training=true",
+        "training.max_epochs=1",
+        "training.batch_size=32",
+    )
+    run = run_curate(*args)
+    report = run.report
+    assert report["steps"]["train"]["shards"] == 1
+    assert report["embedding"]["weights"].startswith("checkpoint (sha256")
+    assert list((run.path / "checkpoints").glob("*.safetensors"))
+    training = json.loads((run.path / "data/training.json").read_text())
+    assert len(training["loss"]) == 1
+    assert len(run.names("selected")) == 20
+    again = run_curate(*args, "datasource.process_all=true")
+    assert again.report["steps"]["train"]["cached_shards"] == 1
+    assert again.names("selected") == run.names("selected")
+
+
+def _first_digits(folder, n: int):
+    path = folder.parent / f"{folder.name}-relevant.txt"
+    path.write_text("".join(f"{i:04d}_label*.png\n" for i in range(n)))
+    return path
