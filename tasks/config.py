@@ -316,7 +316,9 @@ class Pretagging(_Section):
         description="The class names in head order, inline or a file (one name a line, or "
         "a JSON list); overrides the checkpoint's.",
     )
-    batch_size: int = Field(64, gt=0, le=4096)
+    batch_size: int = Field(
+        64, gt=0, le=4096, description="Images per classifier forward pass (speed only)."
+    )
 
 
 class CurateConfig(_Section):
