@@ -178,18 +178,25 @@ def export(
 
 
 def write_report(output: Storage, exported: Exported, prior_key: str | None = None) -> None:
-    """Write report.json, then report.html and report.pdf. `prior_key` names the .npy of
-    the datapool's earlier picks this run selected against (drawn apart on the map). A
-    run that processed nothing has nothing to draw: its report.json says so, and the
-    drawing (seconds of matplotlib) would be most of a scheduled no-op run's cost."""
-    output.write_text(f"{exported.run}/report.json", json.dumps(exported.report, indent=2))
-    if exported.report.get("counts", {}).get("processed") == 0:
-        return
-    from tasks.report import write_run_reports
+    """Write report.html and report.pdf, then report.json. `prior_key` names the .npy of
+    the datapool's earlier picks this run selected against (drawn apart on the map). The
+    drawing reads thumbnails of selected images from the input again (at most 96): those
+    reads are in report.json's `report_reads`, apart from the pipeline's one read per
+    object. A run that processed nothing has nothing to draw: its report.json says so,
+    and the drawing (seconds of matplotlib) would be most of a scheduled no-op's cost."""
+    if exported.report.get("counts", {}).get("processed") != 0:
+        from tasks.report import write_run_reports
 
-    prior = read_npy(output, prior_key) if prior_key else None
-    source = open_storage(exported.source_url) if exported.source_url else None
-    write_run_reports(output, source, exported, prior)
+        started = time.perf_counter()
+        prior = read_npy(output, prior_key) if prior_key else None
+        source = open_storage(exported.source_url) if exported.source_url else None
+        write_run_reports(output, source, exported, prior)
+        exported.report["report_reads"] = {
+            "seconds": round(time.perf_counter() - started, 3),
+            "bytes_read": source.bytes_read if source else 0,
+            "retries": source.retries if source else 0,
+        }
+    output.write_text(f"{exported.run}/report.json", json.dumps(exported.report, indent=2))
 
 
 def point_latest(output: Storage, exported: Exported) -> str:
