@@ -28,7 +28,7 @@ import os
 import platform
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -424,9 +424,10 @@ def stream_shards(
         overlap = plan.device.type == "cuda"
         wait_for = [] if overlap or not streams.embeds else [streams.embeds[-1]]
         workers = num_workers(config.num_workers)
-        step_options = _task_options(shard, streams.results)
         if shard.kind == "video":
-            checked = check_video_shard.with_options(**step_options("check")).submit(  # type: ignore[call-overload]
+            checked = check_video_shard.with_options(
+                **step_options("check", shard.title, streams.results)
+            ).submit(  # type: ignore[call-overload]
                 shard,
                 config.input,
                 config.output,
@@ -438,7 +439,9 @@ def stream_shards(
                 wait_for=wait_for,
             )
         else:
-            checked = check_shard.with_options(**step_options("check")).submit(  # type: ignore[call-overload]
+            checked = check_shard.with_options(
+                **step_options("check", shard.title, streams.results)
+            ).submit(  # type: ignore[call-overload]
                 shard,
                 config.input,
                 config.output,
@@ -480,7 +483,7 @@ def submit_embed(
     from tasks.embed import embed_shard
 
     emb = config.embedding
-    return embed_shard.with_options(**_task_options(shard, results)("embed")).submit(  # type: ignore[call-overload, no-any-return]
+    return embed_shard.with_options(**step_options("embed", shard.title, results)).submit(  # type: ignore[call-overload, no-any-return]
         checked,
         config.input,
         config.output,
@@ -517,11 +520,8 @@ def train_and_pretag(
     workers = num_workers(config.num_workers)
     if config.enable_training and checked:
         started = time.perf_counter()
-        future = train_step.with_options(
-            task_run_name=f"train {config.training.method} on {len(checked)} shards",
-            result_storage=streams.results,
-            tags={"step:train", "pool:local"},
-        ).submit(
+        title = f"{config.training.method} on {len(checked)} shards"
+        future = train_step.with_options(**step_options("train", title, streams.results)).submit(
             checked,
             duplicates_key,
             config.input,
@@ -542,21 +542,17 @@ def train_and_pretag(
         streams.plan, streams.trained = plan, trained
         if not config.datasource.process_all:
             check_model(pool, identity, output)
-        cached = future.state.name == "Cached"
-        seconds = 0.0 if cached else time.perf_counter() - started
-        steps["train"] = StepStats(
-            seconds=seconds,
-            bytes_read=0 if cached else trained.bytes_read,
-            shards=1,
-            cached_shards=int(cached),
-        )
+        seconds = time.perf_counter() - started
+        steps["train"] = _single_step(future, seconds, bytes_read=trained.bytes_read)
         logger.info("embedding with the trained %s (%s)", trained.method, weights.describe())
     pretags: list[PrefectFuture[str]] = []
     if config.pretagging.checkpoint:
         identity_of_checkpoint = pretag_identity(config.pretagging)
         for shard, check in zip(streams.shards, checked, strict=True):
             pretags.append(
-                pretag_shard.with_options(**_task_options(shard, streams.results)("pretag")).submit(
+                pretag_shard.with_options(
+                    **step_options("pretag", shard.title, streams.results)
+                ).submit(
                     check,
                     config.input,
                     config.output,
@@ -590,18 +586,14 @@ def write_training_files(
         output.write(f"{run}/{PREDICTIONS_FILE}", merge_predictions(output, pretag_keys))
 
 
-def _task_options(shard: Shard, results: Path | OutputResults) -> Callable[[str], dict[str, Any]]:
-    """Task runs named by step and shard (`check shard 3 (a.jpg .. k.jpg, 2000 images)`),
-    tagged with the step and where it runs."""
-
-    def options(step: str) -> dict[str, Any]:
-        return {
-            "task_run_name": f"{step} {shard.title}",
-            "tags": {f"step:{step}", "pool:local"},
-            "result_storage": results,
-        }
-
-    return options
+def step_options(step: str, title: str, results: Path | OutputResults) -> dict[str, Any]:
+    """A task run named by step and what it works on (`check shard 3 (a.jpg .. k.jpg,
+    2000 images)`, `dedup 7 shards`), tagged with the step and where it runs."""
+    return {
+        "task_run_name": f"{step} {title}",
+        "tags": {f"step:{step}", "pool:local"},
+        "result_storage": results,
+    }
 
 
 def prior_artifacts(
@@ -641,11 +633,8 @@ def find_duplicates(
     from tasks.dedup import dedup
 
     started = time.perf_counter()
-    future = dedup.with_options(
-        task_run_name=f"dedup {len(checked)} shards",
-        result_storage=streams.results,
-        tags={"step:dedup", "pool:local"},
-    ).submit(
+    title = f"{len(checked)} shards"
+    future = dedup.with_options(**step_options("dedup", title, streams.results)).submit(
         checked,
         config.output,
         include_frames=not config.selected_sequence_length,
@@ -672,11 +661,8 @@ def select(
     from tasks.select import select_samples
 
     started = time.perf_counter()
-    future = select_samples.with_options(
-        task_run_name=f"select from {len(checked)} shards",
-        result_storage=streams.results,
-        tags={"step:select", "pool:local"},
-    ).submit(
+    title = f"from {len(checked)} shards"
+    future = select_samples.with_options(**step_options("select", title, streams.results)).submit(
         checked,
         embedded,
         duplicates_key,
@@ -694,10 +680,11 @@ def select(
     return picked
 
 
-def _single_step(future: PrefectFuture[Any], seconds: float) -> StepStats:
+def _single_step(future: PrefectFuture[Any], seconds: float, bytes_read: int = 0) -> StepStats:
+    """What a whole-run step cost: nothing when it came from the cache."""
     if future.state.name == "Cached":
         return StepStats(shards=1, cached_shards=1)
-    return StepStats(seconds=seconds, shards=1)
+    return StepStats(seconds=seconds, bytes_read=bytes_read, shards=1)
 
 
 def commit_run(
