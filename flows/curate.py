@@ -588,12 +588,11 @@ def write_training_files(
 
 def step_options(step: str, title: str, results: Path | OutputResults) -> dict[str, Any]:
     """A task run named by step and what it works on (`check shard 3 (a.jpg .. k.jpg,
-    2000 images)`, `dedup 7 shards`), tagged with the step and where it runs."""
-    return {
-        "task_run_name": f"{step} {title}",
-        "tags": {f"step:{step}", "pool:local"},
-        "result_storage": results,
-    }
+    2000 images)`, `dedup 7 shards`). No tags: Prefect asks the server for a concurrency
+    slot per tag on every task run, and on SQLite two such requests at once fail with
+    "database is locked" (a deferred transaction upgraded to a write), which the client
+    retries after 2 s, each time."""
+    return {"task_run_name": f"{step} {title}", "result_storage": results}
 
 
 def prior_artifacts(

@@ -67,11 +67,12 @@ def test_run_directory_follows_the_output_contract(demo_folder, run_curate, tmp_
     assert abs((vectors**2).sum(axis=1) - 1).max() < 1e-4
 
 
-def test_a_process_all_rerun_hits_the_cache_for_every_step_in_under_a_quarter_of_the_time(
+def test_a_process_all_rerun_hits_the_cache_for_every_step_and_reads_nothing(
     digits_folder, run_curate, tmp_path
 ):
     """process_all ignores the datapool (which would skip every object), not the cache:
-    processing unchanged objects again gives what the cache holds."""
+    processing unchanged objects again gives what the cache holds. (How much faster that
+    is: bench/bench_incremental.py.)"""
     args = (
         f"input={digits_folder}",
         f"output={tmp_path}",
@@ -81,16 +82,12 @@ def test_a_process_all_rerun_hits_the_cache_for_every_step_in_under_a_quarter_of
     )
     first = run_curate(*args)
     second = run_curate(*args, "datasource.process_all=true")
-    # The run's own seconds (report.json), without drawing report.html/pdf, which every
-    # run does afresh and which is not a cached step.
-    first_seconds, second_seconds = first.report["seconds"], second.report["seconds"]
     steps = second.report["steps"]
     for step in ("check", "dedup", "embed", "select"):
         assert steps[step]["shards"] > 0
         assert steps[step]["cached_shards"] == steps[step]["shards"], step
     assert second.report["bytes_read"]["total"] == 0
     assert second.names("selected") == first.names("selected")
-    assert second_seconds < first_seconds / 4, (first_seconds, second_seconds)
 
 
 def test_changing_the_model_recomputes_embeddings_but_not_the_check(
