@@ -68,7 +68,6 @@ def main() -> None:
         assert counts["processed"] == args.new, counts
         assert counts["datapool_size"] == args.images + args.new, counts
 
-
         def steps(report: dict) -> str:
             return ", ".join(f"{k} {v['seconds']:.2f}" for k, v in report["steps"].items())
 
