@@ -20,30 +20,27 @@ PyAV: a run with nothing new never pays for them, and a bad parameter fails at o
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
-import os
 import platform
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from prefect import flow, get_run_logger
-from prefect.futures import PrefectConcurrentFuture, PrefectFuture
+from prefect.futures import PrefectFuture
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.artifacts import RunProgress, publish_run, summary_line
 from flows.preflight import apply_credentials
-from tasks.caching import OutputResults
+from flows.steps import num_workers, step_options
+from flows.streams import Streams, check_model, replace_plan, stream_shards
 from tasks.config import CurateConfig, as_flow_parameters, parse_config
 from tasks.datapool import (
     Datapool,
@@ -55,17 +52,17 @@ from tasks.datapool import (
     prior_for,
     run_outcome,
 )
-from tasks.discover import Discovery, discover_shards, load_patterns
+from tasks.discover import Discovery
 from tasks.errors import CurateError
 from tasks.export import Exported, RunSummary, export, point_latest, write_report
 from tasks.formats import npy_bytes, read_npy, to_parquet_bytes
-from tasks.keys import CACHE_PREFIX, PIPELINE_VERSION, artifact_key
-from tasks.shards import CheckedShard, EmbeddedShard, Shard, StepStats, read_manifest
-from tasks.storage import LocalStorage, Storage, open_storage
-from tasks.weights import Weights, resolve_weights
+from tasks.keys import PIPELINE_VERSION, artifact_key
+from tasks.shards import CheckedShard, EmbeddedShard, StepStats, read_manifest
+from tasks.storage import Storage, open_storage
+from tasks.weights import resolve_weights
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 # How many corrupt files the flow log names (all are in corrupt_filenames.txt).
 LOGGED_CORRUPT = 10
@@ -86,11 +83,6 @@ def package_versions() -> dict[str, str]:
     return {"python": platform.python_version(), "pipeline": PIPELINE_VERSION} | {
         name: version(name) for name in names
     }
-
-
-def num_workers(setting: int) -> int:
-    """Threads for decoding: -1 means one per vCPU."""
-    return (os.cpu_count() or 1) if setting == -1 else max(1, setting)
 
 
 def run_name() -> str:
@@ -212,290 +204,43 @@ def _stages(
         len(pool.selected),
         "; ignored: process_all" if process_all else "",
     )
-    streams = stream_shards(config, output, pool, progress, logger)
-    steps = {"discover": streams.discover_stats()}
-    checked = streams.collect_checks(steps)
-    prior_key, prior_hashes_key = prior_artifacts(output, pool, streams.found, process_all)
-    duplicates_key = find_duplicates(config, checked, prior_hashes_key, streams, steps)
-    pretag_keys: list[str] = []
-    if streams.deferred(config) and streams.plan is not None:
-        pretag_keys = train_and_pretag(
-            config, pool, output, checked, duplicates_key, streams, steps, logger
-        )
-    embedded = streams.collect_embeddings(steps)
-    picked = select(config, checked, embedded, duplicates_key, prior_key, streams, steps)
-    log_steps(steps, logger)
-    duplicates = json.loads(output.read(duplicates_key)) if duplicates_key else {}
-    summary = RunSummary(
-        run_id=run_id,
-        config=config.model_dump(mode="json"),
-        discovered=streams.found.discovered + streams.found.known,
-        processed=streams.found.discovered,
-        skipped=streams.found.skipped,
-        dataset_bytes=streams.found.total_bytes,
-        steps=steps,
-        embedding=streams.embedding_report(config),
-        versions=package_versions(),
-    )
-    source = open_storage(config.input)
-    exported = export(output, source, summary, checked, embedded, duplicates, picked, started)
-    write_training_files(output, exported.run, streams, pretag_keys)
-    exported.report.update(started_at=started_at, finished_at=_now())
-    run_dir = commit_run(
-        config, output, pool, streams, exported, duplicates, picked, run_id, prior_key
-    )
-    log_outcome(exported, run_dir, logger)
-    publish_run(exported.report, exported.corrupt, run_dir)
-    progress.finish()
-    return run_dir
-
-
-@dataclass(frozen=True)
-class EmbeddingPlan:
-    """How this run embeds. Decided when the first shard arrives, so that a run with
-    nothing new never imports torch or timm."""
-
-    device: torch.device
-    input_size: int
-    weights: Weights
-    checkpoint: str | None  # the local weights file, when weights come from one
-    identity: dict[str, Any]  # what makes embeddings comparable (the datapool's model)
-
-
-def plan_embedding(config: CurateConfig) -> EmbeddingPlan:
-    from tasks.device import default_input_size, pick_device
-    from tasks.embed import check_model_name
-
-    emb = config.embedding
-    device = pick_device(emb.device)
-    check_model_name(emb.model)
-    input_size = emb.input_size or default_input_size(device)
-    weights = resolve_weights(emb.checkpoint, emb.pretrained, config.seed)
-    identity = {
-        "model": emb.model,
-        "weights": weights.source,
-        "weights_identity": weights.identity,
-        "input_size": input_size,
-    }
-    return EmbeddingPlan(device, input_size, weights, emb.checkpoint, identity)
-
-
-def check_model(pool: Datapool, identity: dict[str, Any], output: Storage) -> None:
-    """Embeddings of another model cannot be compared with the datapool's: refuse, and
-    say how to go on (re-embedding them would mean re-reading every selected sample)."""
-    if pool.model is not None and len(pool.selected) and pool.model != identity:
-        raise CurateError(
-            f"datapool {output.join('datapool')}: its {len(pool.selected)} selected "
-            f"samples were embedded with {pool.model}, this run uses {identity}; run with "
-            "datasource.process_all=true to rebuild it with this model, or use another output"
-        )
-
-
-def result_storage(output: Storage) -> Path | OutputResults:
-    """Prefect's cache records live next to the artifacts they point to, so deleting the
-    output deletes both, and a cache hit never points at a missing file."""
-    if isinstance(output, LocalStorage):
-        return output.root / CACHE_PREFIX / "results"
-    # Prefect wants result storage saved server-side (so workers elsewhere can load it);
-    # the block holds the URL only, credentials stay in each machine's environment.
-    block = OutputResults(url=output.url)
-    block.save(
-        f"curate-results-{hashlib.sha256(output.url.encode()).hexdigest()[:16]}", overwrite=True
-    )
-    return block
-
-
-class Streams:
-    """The check and embed task runs of every shard, submitted while the input is still
-    being listed; collected in shard order."""
-
-    def __init__(self, found: Discovery, progress: RunProgress, output: Storage) -> None:
-        self.found = found
-        self.progress = progress
-        self.results = result_storage(output)
-        self.plan: EmbeddingPlan | None = None
-        self.shards: list[Shard] = []
-        self.trained: Any = None  # tasks.train.TrainedModel when training ran
-        self.checks: list[PrefectFuture[CheckedShard]] = []
-        self.embeds: list[PrefectFuture[EmbeddedShard]] = []
-
-    @staticmethod
-    def deferred(config: CurateConfig) -> bool:
-        """Embeddings wait for all checks when training or pretagging comes first."""
-        return config.enable_training or config.pretagging.checkpoint is not None
-
-    def discover_stats(self) -> StepStats:
-        found = self.found
-        return StepStats(seconds=found.seconds, retries=found.retries, shards=len(found.shards))
-
-    def _finished(self) -> int:
-        """Step runs finished so far (asked without an API call)."""
-        futures = [*self.checks, *self.embeds]
-        return sum(
-            1 for f in futures if cast(PrefectConcurrentFuture[Any], f).wrapped_future.done()
-        )
-
-    def collect_checks(self, steps: dict[str, StepStats]) -> list[CheckedShard]:
-        from prefect.exceptions import UnfinishedRun
-
-        try:
-            checked = self._collect("check", self.checks, steps.setdefault("check", StepStats()))
-            total = sum(shard.valid for shard in checked)
-            self.progress.terminal.add_step("embed", total_samples=total)
-            return checked
-        except UnfinishedRun:
-            # On a CPU a check waits for the previous embedding: when that failed, the
-            # check never ran. Raise the embedding's own error, not "check not finished".
-            for future in self.embeds:
-                if future.state.is_failed() or future.state.is_crashed():
-                    future.result()
-            raise
-
-    def collect_embeddings(self, steps: dict[str, StepStats]) -> list[EmbeddedShard]:
-        embedded = self._collect("embed", self.embeds, steps.setdefault("embed", StepStats()))
-        return embedded
-
-    def _collect(self, step: str, futures: list[PrefectFuture[Any]], stats: StepStats) -> list[Any]:
-        """Results in order, with this run's cost of the step added to `stats`; the
-        progress artifact moves as they finish."""
-        results = []
-        for future in futures:
-            result = future.result()
-            stats.shards += 1
-            if future.state.name == "Cached":
-                stats.cached_shards += 1
-            else:
-                stats.seconds += result.seconds
-                stats.bytes_read += result.bytes_read
-                stats.retries += result.retries
-            results.append(result)
-            # check counts objects (a video is one), embed counts samples (its frames)
-            samples = self.found.shards[len(results) - 1].count if step == "check" else result.count
-            self.progress.finished(step, samples, self._finished())
-        return results
-
-    def embedding_report(self, config: CurateConfig) -> dict[str, Any]:
-        if self.plan is None:
-            return {"model": config.embedding.model, "weights": None, "device": None}
-        return {
-            "model": config.embedding.model,
-            "weights": self.plan.weights.describe(),
-            "input_size": self.plan.input_size,
-            "device": str(self.plan.device),
-        }
-
-
-def stream_shards(
-    config: CurateConfig, output: Storage, pool: Datapool, progress: RunProgress, logger: Any
-) -> Streams:
-    """The discover step, with each shard's check and embed submitted the moment its
-    manifest is written: a bucket of millions of keys is worked on while it is still
-    being listed. Discover runs in the flow itself, never cached: listing is how a run
-    learns what is new; the storage layer retries transient listing failures."""
-    source = open_storage(config.input)
-    patterns = None
-    if config.datasource.relevant_filenames_file:
-        patterns = load_patterns(config.datasource.relevant_filenames_file, source, output)
-    streams = Streams(Discovery(), progress, output)
-    is_known = None if config.datasource.process_all else pool.is_known
-    shards = discover_shards(source, output, config.shard_size, patterns, streams.found, is_known)
-    for shard in shards:
-        if streams.plan is None:
-            # Only a run with something new pays for torch, timm and PyAV.
-            from tasks.check import check_shard
-            from tasks.frames import check_video_shard
-
-            streams.plan = plan_embedding(config)
-            # A run that trains first compares its trained model, once it has it.
-            if not config.datasource.process_all and not config.enable_training:
-                check_model(pool, streams.plan.identity, output)
-            plan = streams.plan
-            logger.info(
-                "embedding: %s on %s at %d px, weights: %s",
-                config.embedding.model,
-                plan.device,
-                plan.input_size,
-                plan.weights.describe(),
+    # Streams cancel their child runs on pools when the run fails.
+    with stream_shards(config, output, pool, progress, logger) as streams:
+        steps = {"discover": streams.discover_stats()}
+        checked = streams.collect_checks(steps)
+        prior_key, prior_hashes_key = prior_artifacts(output, pool, streams.found, process_all)
+        duplicates_key = find_duplicates(config, checked, prior_hashes_key, streams, steps)
+        pretag_keys: list[str] = []
+        if streams.deferred and streams.plan is not None:
+            pretag_keys = train_and_pretag(
+                config, pool, output, checked, duplicates_key, streams, steps, logger
             )
-        plan = streams.plan
-        # On a GPU, checking shard i+1 (CPU) overlaps embedding shard i. On a CPU both
-        # want every core, and torch's threads slow down badly when decoding threads
-        # preempt them, so there each shard's check waits for the previous embedding.
-        overlap = plan.device.type == "cuda"
-        wait_for = [] if overlap or not streams.embeds else [streams.embeds[-1]]
-        workers = num_workers(config.num_workers)
-        if shard.kind == "video":
-            checked = check_video_shard.with_options(
-                **step_options("check", shard.title, streams.results)
-            ).submit(  # type: ignore[call-overload]
-                shard,
-                config.input,
-                config.output,
-                plan.input_size,
-                config.every_nth_frame,
-                config.datasource.use_frame_count_metadata,
-                config.corruptness_check.keep_decodable_frames,
-                config.shard_size,
-                wait_for=wait_for,
-            )
-        else:
-            checked = check_shard.with_options(
-                **step_options("check", shard.title, streams.results)
-            ).submit(  # type: ignore[call-overload]
-                shard,
-                config.input,
-                config.output,
-                config.corruptness_check.max_image_pixels,
-                config.enable_corruptness_check,
-                plan.input_size,
-                workers,
-                wait_for=wait_for,
-            )
-        streams.checks.append(checked)
-        streams.shards.append(shard)
-        if not streams.deferred(config):
-            streams.embeds.append(submit_embed(config, plan, shard, checked, streams.results))
-        progress.listed_shard(shard.count)
-    progress.listed = True
-    progress.update()
-    found = streams.found
-    logger.info(
-        "discovered %d new images and %d new videos in %d shards; %d unchanged objects "
-        "already in the datapool, %d other objects skipped",
-        found.discovered - found.videos,
-        found.videos,
-        len(found.shards),
-        found.known,
-        found.skipped,
-    )
-    return streams
-
-
-def submit_embed(
-    config: CurateConfig,
-    plan: EmbeddingPlan,
-    shard: Shard,
-    checked: Any,
-    results: Path | OutputResults,
-    wait_for: list[PrefectFuture[Any]] | None = None,
-) -> PrefectFuture[EmbeddedShard]:
-    """The embed step of one shard (`checked`: its check's future or result)."""
-    from tasks.embed import embed_shard
-
-    emb = config.embedding
-    return embed_shard.with_options(**step_options("embed", shard.title, results)).submit(  # type: ignore[call-overload, no-any-return]
-        checked,
-        config.input,
-        config.output,
-        emb.model,
-        plan.weights,
-        plan.checkpoint,
-        plan.input_size,
-        str(plan.device),
-        emb.batch_size,
-        num_workers(config.num_workers),
-        wait_for=wait_for or [],
-    )
+        embedded = streams.collect_embeddings(steps)
+        picked = select(config, checked, embedded, duplicates_key, prior_key, streams, steps)
+        log_steps(steps, logger)
+        duplicates = json.loads(output.read(duplicates_key)) if duplicates_key else {}
+        summary = RunSummary(
+            run_id=run_id,
+            config=config.model_dump(mode="json"),
+            discovered=streams.found.discovered + streams.found.known,
+            processed=streams.found.discovered,
+            skipped=streams.found.skipped,
+            dataset_bytes=streams.found.total_bytes,
+            steps=steps,
+            embedding=streams.embedding_report(),
+            versions=package_versions(),
+        )
+        source = open_storage(config.input)
+        exported = export(output, source, summary, checked, embedded, duplicates, picked, started)
+        write_training_files(output, exported.run, streams, pretag_keys)
+        exported.report.update(started_at=started_at, finished_at=_now())
+        run_dir = commit_run(
+            config, output, pool, streams, exported, duplicates, picked, run_id, prior_key
+        )
+        log_outcome(exported, run_dir, logger)
+        publish_run(exported.report, exported.corrupt, run_dir)
+        progress.finish()
+        return run_dir
 
 
 def train_and_pretag(
@@ -538,8 +283,8 @@ def train_and_pretag(
         checkpoint = local_checkpoint(config.output, trained.checkpoint)
         weights = resolve_weights(checkpoint, False, config.seed)
         identity = plan.identity | {"weights": "trained", "weights_identity": weights.identity}
-        plan = dataclasses.replace(plan, weights=weights, checkpoint=checkpoint, identity=identity)
-        streams.plan, streams.trained = plan, trained
+        plan = replace_plan(streams, weights=weights, checkpoint=checkpoint, identity=identity)
+        streams.trained = trained
         if not config.datasource.process_all:
             check_model(pool, identity, output)
         seconds = time.perf_counter() - started
@@ -564,9 +309,7 @@ def train_and_pretag(
                     workers,
                 )
             )
-    for i, (shard, check) in enumerate(zip(streams.shards, checked, strict=True)):
-        wait = [pretags[i]] if pretags else None
-        streams.embeds.append(submit_embed(config, plan, shard, check, streams.results, wait))
+    streams.embed_deferred(checked, pretags)
     return [future.result() for future in pretags]
 
 
@@ -584,15 +327,6 @@ def write_training_files(
         from tasks.pretag import merge_predictions
 
         output.write(f"{run}/{PREDICTIONS_FILE}", merge_predictions(output, pretag_keys))
-
-
-def step_options(step: str, title: str, results: Path | OutputResults) -> dict[str, Any]:
-    """A task run named by step and what it works on (`check shard 3 (a.jpg .. k.jpg,
-    2000 images)`, `dedup 7 shards`). No tags: Prefect asks the server for a concurrency
-    slot per tag on every task run, and on SQLite two such requests at once fail with
-    "database is locked" (a deferred transaction upgraded to a write), which the client
-    retries after 2 s, each time."""
-    return {"task_run_name": f"{step} {title}", "result_storage": results}
 
 
 def prior_artifacts(

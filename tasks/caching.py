@@ -13,9 +13,11 @@ import asyncio
 import contextlib
 import ctypes
 import functools
+import hashlib
 import inspect
 from collections.abc import Callable
 from contextvars import ContextVar
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from prefect import Task, get_run_logger, task
@@ -25,7 +27,7 @@ from prefect.filesystems import WritableFileSystem
 from prefect.tasks import exponential_backoff
 
 from tasks.keys import CACHE_PREFIX, step_key
-from tasks.storage import Storage, open_storage
+from tasks.storage import LocalStorage, Storage, open_storage
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -87,6 +89,20 @@ class OutputResults(WritableFileSystem):
 def _results_storage(url: str) -> Storage:
     """One client per output for all cache records (building one costs ~0.1 s)."""
     return open_storage(f"{url.rstrip('/')}/{CACHE_PREFIX}/results")
+
+
+def result_storage(output: Storage) -> Path | OutputResults:
+    """Prefect's cache records live next to the artifacts they point to, so deleting the
+    output deletes both, and a cache hit never points at a missing file."""
+    if isinstance(output, LocalStorage):
+        return output.root / CACHE_PREFIX / "results"
+    # Prefect wants result storage saved server-side (so workers elsewhere can load it);
+    # the block holds the URL only, credentials stay in each machine's environment.
+    block = OutputResults(url=output.url)
+    block.save(
+        f"curate-results-{hashlib.sha256(output.url.encode()).hexdigest()[:16]}", overwrite=True
+    )
+    return block
 
 
 def release_memory() -> None:

@@ -321,6 +321,50 @@ class Pretagging(_Section):
     )
 
 
+class Orchestration(_Section):
+    mode: Literal["local", "pools"] = Field(
+        "local",
+        description="`local`: every step in this run's process. `pools`: checks run as "
+        "`check` flow runs on the CPU pool's workers, embeddings as `embed` flow runs on the "
+        "GPU pool's (prefect.yaml deploys both); results pass through the output location.",
+    )
+    cpu_pool: str = Field(
+        "curate-cpu", min_length=1, description="The pool whose `check/<pool>` deployment checks."
+    )
+    gpu_pool: str = Field(
+        "curate-gpu", min_length=1, description="The pool whose `embed/<pool>` deployment embeds."
+    )
+    samples_per_child: int = Field(
+        10000,
+        gt=0,
+        description="Shards are batched into child flow runs of at least this many samples "
+        "(a video counts its frames), so that a worker's process start stays a small share.",
+    )
+    children_in_flight: int = Field(
+        4,
+        gt=0,
+        description="Child runs per pool submitted and not finished at once (more queue in "
+        "this run); at least the pool's workers times their --limit keeps every worker busy.",
+    )
+    child_attempts: int = Field(
+        3,
+        ge=1,
+        description="Times a child's work is dispatched when its run fails, crashes or is "
+        "lost with its worker; done shards come from the cache.",
+    )
+    child_lost_after_seconds: float = Field(
+        120.0,
+        ge=35,
+        description="A running child with no heartbeat for this long lost its worker (workers "
+        "send one every 30 s): it is marked crashed and its work dispatched again.",
+    )
+    child_timeout_seconds: float = Field(
+        6 * 3600.0,
+        gt=0,
+        description="A child not finished this long after it was submitted fails the run.",
+    )
+
+
 class CurateConfig(_Section):
     """A curation run: where to read, where to write, what to select."""
 
@@ -375,6 +419,9 @@ class CurateConfig(_Section):
         "this many.",
     )
     num_workers: int = Field(-1, ge=-1, description="Decode threads; -1: one per vCPU.")
+    orchestration: Orchestration = Field(
+        Orchestration(), description="Where the steps run: this process or work pools."
+    )
     seed: int = Field(
         0, description="Every random choice (weights, selection ties, sampling) follows it."
     )

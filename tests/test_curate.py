@@ -158,7 +158,7 @@ def test_corruptness_check_off_still_flags_unreadable_files(demo_folder, run_cur
 
 
 def test_num_workers_setting_is_honoured():
-    from flows.curate import num_workers
+    from flows.steps import num_workers
 
     assert num_workers(3) == 3
     assert num_workers(-1) >= 1

@@ -1,0 +1,241 @@
+"""The per-shard steps, run in the pipeline's own process or as flows on work pools.
+
+`submit_check` and `submit_embed` start one shard's cached task in the current flow run;
+the pipeline flow uses them directly (`orchestration.mode=local`). The `check` and
+`embed` flows run the same tasks for a batch of shards on a worker of the CPU or GPU pool
+(`orchestration.mode=pools`): each takes one small typed job, writes its results to the
+output location (never a worker's disk or Prefect's result storage) and returns their
+key. Done shards come from the cache, so a job dispatched again after a crash redoes
+only what was lost. The GPU pool reads the model inputs the CPU pool wrote, not the input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture
+from pydantic import BaseModel
+
+from tasks.caching import OutputResults, result_storage
+from tasks.config import CurateConfig
+from tasks.keys import artifact_key, content_key
+from tasks.shards import CheckedShard, EmbeddedShard, Shard
+from tasks.storage import open_storage
+from tasks.weights import Weights
+
+
+def num_workers(setting: int) -> int:
+    """Threads for decoding: -1 means one per vCPU."""
+    import os
+
+    return (os.cpu_count() or 1) if setting == -1 else max(1, setting)
+
+
+def step_options(step: str, title: str, results: Path | OutputResults) -> dict[str, Any]:
+    """A task run named by step and what it works on (`check shard 3 (a.jpg .. k.jpg,
+    2000 images)`, `dedup 7 shards`). No tags: Prefect asks the server for a concurrency
+    slot per tag on every task run, and on SQLite two such requests at once fail with
+    "database is locked" (a deferred transaction upgraded to a write), which the client
+    retries after 2 s, each time."""
+    return {"task_run_name": f"{step} {title}", "result_storage": results}
+
+
+class CheckSettings(BaseModel):
+    """What checking a shard needs besides the shard."""
+
+    input: str
+    output: str
+    input_size: int
+    max_image_pixels: int
+    full_check: bool
+    every_nth_frame: int
+    use_frame_count_metadata: bool
+    keep_decodable_frames: bool
+    chunk: int
+    num_workers: int
+
+    @classmethod
+    def of(cls, config: CurateConfig, input_size: int) -> CheckSettings:
+        return cls(
+            input=config.input,
+            output=config.output,
+            input_size=input_size,
+            max_image_pixels=config.corruptness_check.max_image_pixels,
+            full_check=config.enable_corruptness_check,
+            every_nth_frame=config.every_nth_frame,
+            use_frame_count_metadata=config.datasource.use_frame_count_metadata,
+            keep_decodable_frames=config.corruptness_check.keep_decodable_frames,
+            chunk=config.shard_size,
+            num_workers=num_workers(config.num_workers),
+        )
+
+
+class EmbedSettings(BaseModel):
+    """What embedding a checked shard needs besides it. `device` is a setting (`auto`,
+    `cuda:1`) that the machine which embeds resolves."""
+
+    input: str
+    output: str
+    model: str
+    weights: Weights
+    checkpoint: str | None
+    input_size: int
+    device: str
+    batch_size: int
+    num_workers: int
+
+
+def submit_check(
+    shard: Shard,
+    settings: CheckSettings,
+    results: Path | OutputResults,
+    wait_for: list[PrefectFuture[Any]] | None = None,
+) -> PrefectFuture[CheckedShard]:
+    """The check step (with metadata and model inputs) of one shard."""
+    from tasks.check import check_shard
+    from tasks.frames import check_video_shard
+
+    s = settings
+    options = step_options("check", shard.title, results)
+    if shard.kind == "video":
+        return check_video_shard.with_options(**options).submit(  # type: ignore[call-overload, no-any-return]
+            shard,
+            s.input,
+            s.output,
+            s.input_size,
+            s.every_nth_frame,
+            s.use_frame_count_metadata,
+            s.keep_decodable_frames,
+            s.chunk,
+            wait_for=wait_for or [],
+        )
+    return check_shard.with_options(**options).submit(  # type: ignore[call-overload, no-any-return]
+        shard,
+        s.input,
+        s.output,
+        s.max_image_pixels,
+        s.full_check,
+        s.input_size,
+        s.num_workers,
+        wait_for=wait_for or [],
+    )
+
+
+def submit_embed(
+    shard: Shard,
+    checked: Any,
+    settings: EmbedSettings,
+    results: Path | OutputResults,
+    wait_for: list[PrefectFuture[Any]] | None = None,
+) -> PrefectFuture[EmbeddedShard]:
+    """The embed step of one shard (`checked`: its check's future or result);
+    `settings.device` is resolved here, so the cache key names the device used."""
+    from tasks.device import pick_device
+    from tasks.embed import embed_shard
+
+    s = settings
+    return embed_shard.with_options(**step_options("embed", shard.title, results)).submit(  # type: ignore[call-overload, no-any-return]
+        checked,
+        s.input,
+        s.output,
+        s.model,
+        s.weights,
+        s.checkpoint,
+        s.input_size,
+        str(pick_device(s.device)),
+        s.batch_size,
+        s.num_workers,
+        wait_for=wait_for or [],
+    )
+
+
+class CheckJob(BaseModel):
+    """A batch of shards for the CPU pool."""
+
+    shards: list[Shard]
+    settings: CheckSettings
+
+
+class EmbedJob(BaseModel):
+    """A batch of checked shards for the GPU pool."""
+
+    shards: list[Shard]
+    checked: list[CheckedShard]
+    settings: EmbedSettings
+
+
+def job_result_key(step: str, job: BaseModel) -> str:
+    """Where a step flow leaves its results: named by the job, so that the pipeline
+    knows it without asking Prefect for a result."""
+    return artifact_key(f"{step}-job", content_key(step, job=job.model_dump(mode="json")), ".json")
+
+
+def _finish(
+    step: str, job: BaseModel, output_url: str, futures: list[PrefectFuture[Any]], device: str
+) -> str:
+    """Wait for the shards' task runs in order; write what they returned, which came
+    from the cache, and where it ran."""
+    results, cached = [], []
+    for future in futures:
+        results.append(dataclasses.asdict(future.result()))
+        cached.append(future.state.name == "Cached")
+    key = job_result_key(step, job)
+    report = {"shards": results, "cached": cached, "host": platform.node(), "device": device}
+    open_storage(output_url).write(key, json.dumps(report).encode())
+    return key
+
+
+def job_run_name() -> str:
+    """A step flow run is named after its step and shards: `check shards 0-4 (a.jpg ..
+    z.jpg, 10000 samples)`, `embed video 7 (cam1/a.mp4)`."""
+    from prefect.runtime import flow_run
+
+    shards = [Shard(**s) for s in flow_run.parameters["job"]["shards"]]
+    step = flow_run.flow_name
+    if len(shards) == 1:
+        return f"{step} {shards[0].title}"
+    first, last = shards[0], shards[-1]
+    samples = sum(s.count for s in shards)
+    return (
+        f"{step} shards {first.index}-{last.index} ({first.first} .. {last.last or last.first}, "
+        f"{samples} objects)"
+    )
+
+
+@flow(name="check", flow_run_name=job_run_name, persist_result=False, retries=1)
+def check(job: CheckJob) -> str:
+    """Check a batch of shards (corruptness, metadata, model inputs) on this machine;
+    returns the key of their results in the output location."""
+    results = result_storage(open_storage(job.settings.output))
+    # One shard at a time: each check already decodes on every core it is given.
+    futures: list[PrefectFuture[Any]] = []
+    for shard in job.shards:
+        futures.append(submit_check(shard, job.settings, results, wait_for=futures[-1:]))
+    get_run_logger().info("checking %d shards on %s", len(job.shards), platform.node())
+    return _finish("check", job, job.settings.output, futures, "cpu")
+
+
+@flow(name="embed", flow_run_name=job_run_name, persist_result=False, retries=1)
+def embed(job: EmbedJob) -> str:
+    """Embed a batch of checked shards from their model inputs on this machine's device;
+    returns the key of their results in the output location."""
+    from tasks.device import pick_device
+
+    device = pick_device(job.settings.device)
+    get_run_logger().info(
+        "embedding %d shards with %s on %s (%s)",
+        len(job.shards),
+        job.settings.model,
+        device,
+        platform.node(),
+    )
+    results = result_storage(open_storage(job.settings.output))
+    futures: list[PrefectFuture[Any]] = []
+    for shard, checked in zip(job.shards, job.checked, strict=True):
+        futures.append(submit_embed(shard, checked, job.settings, results, wait_for=futures[-1:]))
+    return _finish("embed", job, job.settings.output, futures, str(device))
