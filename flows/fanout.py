@@ -195,14 +195,17 @@ class Fanout:
         running = [r for r in runs if r.state and r.state.type.value == "RUNNING"]
         if not running:
             return set()
-        horizon = datetime.now(UTC) - timedelta(hours=6)
+        # The newest heartbeat of each (`distinct`, newest first), from a recent window.
+        horizon = datetime.now(UTC) - 3 * timedelta(seconds=self.settings.child_lost_after_seconds)
         page = self.client.read_events(
             EventFilter(
                 occurred=EventOccurredFilter(since=horizon),
                 event=EventNameFilter(name=[HEARTBEAT_EVENT]),
-                resource=EventResourceFilter(id=[f"prefect.flow-run.{r.id}" for r in running]),
+                resource=EventResourceFilter(
+                    id=[f"prefect.flow-run.{r.id}" for r in running], distinct=True
+                ),
             ),
-            limit=200,
+            limit=50,  # the API's most; children in flight are fewer
         )
         last: dict[str, datetime] = {}
         for event in page.events:

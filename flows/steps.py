@@ -195,7 +195,10 @@ def job_run_name() -> str:
     z.jpg, 10000 samples)`, `embed video 7 (cam1/a.mp4)`."""
     from prefect.runtime import flow_run
 
-    shards = [Shard(**s) for s in flow_run.parameters["job"]["shards"]]
+    job = flow_run.parameters["job"]  # the validated job, or its JSON before validation
+    shards = (
+        job.shards if isinstance(job, (CheckJob, EmbedJob)) else [Shard(**s) for s in job["shards"]]
+    )
     step = flow_run.flow_name
     if len(shards) == 1:
         return f"{step} {shards[0].title}"

@@ -21,6 +21,7 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 os.environ.setdefault("NO_GCE_CHECK", "true")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
+import deploys  # noqa: E402
 import pytest  # noqa: E402
 from servers import (  # noqa: E402
     AzureServer,
@@ -32,6 +33,10 @@ from servers import (  # noqa: E402
 )
 
 from flows.demo import digit_images, encode, make_demo_folder  # noqa: E402
+
+# A real deployment's fixtures (tests/deploys.py): `server`, `worker`.
+server = deploys.server
+worker = deploys.worker
 
 
 @pytest.fixture(scope="session")

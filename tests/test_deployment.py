@@ -7,189 +7,43 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-PREFECT = str(Path(sys.executable).parent / "prefect")
-FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM to its process group, again, then SIGKILL: an idle worker may ignore the
-    first signal."""
-    for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
-        if process.poll() is not None:
-            return
-        os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            continue
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """`infra/start-server.sh` on a free loopback port, with its own SQLite database and
-    home; the scheduler loops every 5 s instead of 60 so a test sees its runs soon."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env |= {
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PREFECT_PORT": str(port),
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path}/prefect.db",
-        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
-        "PREFECT": PREFECT,
-        "PWD": str(REPO),  # prefect.yaml's pull step: the worker runs this checkout
-    }
-    log = (tmp_path / "server.log").open("wb")
-    process = subprocess.Popen(
-        [str(REPO / "infra/start-server.sh")],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 180
-    while "Prefect UI:" not in (tmp_path / "server.log").read_text(errors="replace"):
-        if time.monotonic() > deadline or process.poll() is not None:
-            _stop(process)
-            pytest.fail("infra/start-server.sh did not start: " + _tail(tmp_path / "server.log"))
-        time.sleep(0.5)
-    try:
-        yield env
-    finally:
-        _stop(process)
-        server_log = (tmp_path / "server.log").read_text(errors="replace")
-        assert "InvalidRequestError" not in server_log, (
-            "the scheduler failed: " + server_log[-3000:]
-        )
-
-
-def _tail(path: Path, n: int = 3000) -> str:
-    return path.read_text(errors="replace")[-n:] if path.exists() else ""
-
-
-def _prefect(env: dict[str, str], *args: str, timeout: int = 300) -> str:
-    result = subprocess.run(
-        [PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    return result.stdout
-
-
-def _api(env: dict[str, str], method: str, path: str, body: object | None = None) -> Any:
-    """One call to the server's REST API. A 503 is retried, as Prefect's own client does:
-    the server answers it while SQLite is locked by another writer (a worker, the CLI)."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        env["PREFECT_API_URL"] + path,
-        data=data,
-        method=method,
-        headers={"Content-Type": "application/json"},
-    )
-    for attempt in range(6):
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as error:
-            if error.code != 503 or attempt == 5:
-                raise
-            time.sleep(0.5 * 2**attempt)
-    raise AssertionError("unreachable")
-
-
-def _deploy(server: dict[str, str], folder: Path, out: Path) -> dict[str, str]:
-    """`prefect deploy --all` exactly as the README writes it: no prompt answered."""
-    env = server | {"CURATE_INPUT": str(folder), "CURATE_OUTPUT": str(out)}
-    result = subprocess.run(
-        [PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    return env
-
-
-@pytest.fixture
-def worker(server: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A process worker on the pipeline's pool, started after the deployments."""
-    log = (tmp_path / "worker.log").open("wb")
-    process = subprocess.Popen(
-        [PREFECT, "worker", "start", "--pool", "curate-local"],
-        env=server | {"PREFECT_WORKER_QUERY_SECONDS": "2"},
-        cwd=tmp_path,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        yield process
-    finally:
-        _stop(process)
-
-
-def _digits(folder: Path, n: int = 40) -> Path:
-    from flows.demo import digit_images, encode
-
-    folder.mkdir(parents=True, exist_ok=True)
-    images, _ = digit_images()
-    for i in range(n):
-        (folder / f"d{i:03d}.png").write_bytes(encode(images[i], "PNG"))
-    (folder / "zz_truncated.png").write_bytes(encode(images[0], "PNG")[:100])
-    return folder
-
-
-def _wait(env: dict[str, str], run_ids: list[str], timeout: float = 400) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while True:
-        runs = [_api(env, "GET", f"/flow_runs/{rid}") for rid in run_ids]
-        if all(run["state"]["type"] in FINAL for run in runs) or time.monotonic() > deadline:
-            return runs
-        time.sleep(2)
-
-
-def _reports(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/report.json"))]
+from deploys import (
+    FINAL,
+    PREFECT,
+    REPO,
+    api,
+    deploy,
+    digits,
+    prefect_cli,
+    reports,
+    tail,
+    wait_for_runs,
+)
 
 
 @pytest.mark.slow
 def test_a_run_made_by_the_scheduler_completes_and_the_api_shows_what_it_did(
     server, tmp_path, worker
 ):
-    folder, out = _digits(tmp_path / "in"), tmp_path / "out"
-    env = _deploy(server, folder, out)
-    deployment = _api(env, "GET", "/deployments/name/curate/incremental")
+    folder, out = digits(tmp_path / "in"), tmp_path / "out"
+    env = deploy(server, folder, out)
+    deployment = api(env, "GET", "/deployments/name/curate/incremental")
     assert [s["schedule"].get("cron") for s in deployment["schedules"]] == ["0 * * * *"]
     assert deployment["parameters"]["input"] == str(folder)
     # A schedule that fires within a minute, added the way a user would.
-    _prefect(env, "deployment", "schedule", "create", "curate/incremental", "--cron", "* * * * *")
+    prefect_cli(
+        env, "deployment", "schedule", "create", "curate/incremental", "--cron", "* * * * *"
+    )
 
     deadline, made = time.monotonic() + 240, None
     while time.monotonic() < deadline:
-        runs = _api(
+        runs = api(
             env,
             "POST",
             "/flow_runs/filter",
@@ -203,21 +57,19 @@ def test_a_run_made_by_the_scheduler_completes_and_the_api_shows_what_it_did(
             made = done[0]
             break
         time.sleep(3)
-    assert made is not None, "no scheduler-made run finished: " + _tail(tmp_path / "worker.log")
-    assert made["state"]["type"] == "COMPLETED", _tail(tmp_path / "worker.log")
+    assert made is not None, "no scheduler-made run finished: " + tail(tmp_path / "worker.log")
+    assert made["state"]["type"] == "COMPLETED", tail(tmp_path / "worker.log")
     assert made["name"].startswith("incremental ") and str(folder) in made["name"]
-    report = _reports(out)[0]
+    report = reports(out)[0]
     assert report["counts"]["processed"] == 41 and report["counts"]["corrupt"] == 1
 
     # Task runs named by step and shard.
-    task_runs = _api(
-        env, "POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [made["id"]]}}}
-    )
+    task_runs = api(env, "POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [made["id"]]}}})
     names = {run["name"] for run in task_runs}
     assert any(n.startswith("check shard 0 (d000.png .. ") for n in names), names
     assert any(n.startswith("embed shard 0 (") for n in names), names
     # Artifacts: progress at 100 %, the counts of report.json, corrupt files, a summary.
-    artifacts = _api(
+    artifacts = api(
         env, "POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [made["id"]]}}}
     )
     by_type: dict[str, list[dict]] = {}
@@ -250,7 +102,7 @@ def _run_logs(env: dict[str, str], run_id: str, wanted: Any, wait: float = 60) -
     while True:
         messages: list[str] = []
         while True:
-            page = _api(
+            page = api(
                 env,
                 "POST",
                 "/logs/filter",
@@ -314,29 +166,29 @@ def _screenshots(env: dict[str, str], run_id: str, artifacts: list[str], folder:
 def test_deployments_on_one_output_queue_behind_each_other_and_take_one_section_per_run(
     server, tmp_path, worker
 ):
-    folder, out = _digits(tmp_path / "in"), tmp_path / "out"
-    env = _deploy(server, folder, out)
-    full = _api(env, "GET", "/deployments/name/curate/full")
-    incremental = _api(env, "GET", "/deployments/name/curate/incremental")
+    folder, out = digits(tmp_path / "in"), tmp_path / "out"
+    env = deploy(server, folder, out)
+    full = api(env, "GET", "/deployments/name/curate/full")
+    incremental = api(env, "GET", "/deployments/name/curate/incremental")
     # Back to back through the API, then one section overridden through the CLI.
-    first = _api(env, "POST", f"/deployments/{full['id']}/create_flow_run", {})
-    second = _api(env, "POST", f"/deployments/{incremental['id']}/create_flow_run", {})
-    printed = _prefect(
+    first = api(env, "POST", f"/deployments/{full['id']}/create_flow_run", {})
+    second = api(env, "POST", f"/deployments/{incremental['id']}/create_flow_run", {})
+    printed = prefect_cli(
         env, "deployment", "run", "curate/full", "--param", 'stopping_condition={"n_samples": 2}'
     )
     third = printed.split("UUID:")[1].split()[0]
-    runs = _wait(env, [first["id"], second["id"], third])
-    assert [r["state"]["type"] for r in runs] == ["COMPLETED"] * 3, _tail(tmp_path / "worker.log")
-    reports = _reports(out)
+    runs = wait_for_runs(env, [first["id"], second["id"], third])
+    assert [r["state"]["type"] for r in runs] == ["COMPLETED"] * 3, tail(tmp_path / "worker.log")
+    done = reports(out)
     # Their work never overlapped (a run waiting for the output's slot is Running too).
-    spans = sorted((r["started_at"], r["finished_at"]) for r in reports)
+    spans = sorted((r["started_at"], r["finished_at"]) for r in done)
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans
     # The queue admits waiting runs in any order: a full run processes everything, the
     # incremental one only what no earlier run processed.
-    for i, report in enumerate(reports):
+    for i, report in enumerate(done):
         everything = report["config"]["datasource"]["process_all"] or i == 0
         assert report["counts"]["processed"] == (41 if everything else 0), report["run_id"]
-    (last,) = [r for r in reports if r["config"]["stopping_condition"]["n_samples"] == 2]
+    (last,) = [r for r in done if r["config"]["stopping_condition"]["n_samples"] == 2]
     assert last["counts"]["selected"] == 2  # the section given at run time ...
     assert last["config"]["input"] == str(folder)  # ... and the deployment's other keys
     assert last["config"]["datasource"]["process_all"] is True
@@ -346,8 +198,8 @@ def test_deployments_on_one_output_queue_behind_each_other_and_take_one_section_
 def test_impossible_combinations_fail_before_the_run_or_in_its_first_second(
     server, tmp_path, worker
 ):
-    folder, out = _digits(tmp_path / "in", 5), tmp_path / "out"
-    env = _deploy(server, folder, out)
+    folder, out = digits(tmp_path / "in", 5), tmp_path / "out"
+    env = deploy(server, folder, out)
     # The schema states the rule: the server refuses to create the run.
     refused = subprocess.run(
         [
@@ -367,10 +219,10 @@ def test_impossible_combinations_fail_before_the_run_or_in_its_first_second(
     assert refused.returncode != 0
     assert "n_samples" in refused.stdout + refused.stderr
     # A rule JSON schema cannot state fails as the run starts, before torch is imported.
-    printed = _prefect(
+    printed = prefect_cli(
         env, "deployment", "run", "curate/incremental", "--param", "stopping_condition={}"
     )
-    (run,) = _wait(env, [printed.split("UUID:")[1].split()[0]], timeout=120)
+    (run,) = wait_for_runs(env, [printed.split("UUID:")[1].split()[0]], timeout=120)
     assert run["state"]["type"] == "FAILED"
     assert "stopping_condition" in run["state"]["message"]
     assert run["total_run_time"] < 1.0, run["total_run_time"]

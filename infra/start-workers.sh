@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Process workers for one work pool, on this machine, until Ctrl-C (or SIGTERM).
+#   infra/start-workers.sh curate-cpu 2          # two CPU workers
+#   CURATE_GPUS=0,1 infra/start-workers.sh curate-gpu   # one worker per GPU
+# Each worker runs one flow run at a time (--limit; CURATE_RUNS_PER_WORKER to change it),
+# so that N CPU workers are N checks at once and a GPU embeds one batch at a time.
+# CURATE_GPUS: one worker per listed GPU, each with CUDA_VISIBLE_DEVICES set to it.
+# Run from anywhere; needs PREFECT_API_URL (and PREFECT_API_AUTH_STRING if the server
+# has one). Worker logs: $CURATE_WORKER_LOGS/<pool>-<n>.log (default: the terminal).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PREFECT="${PREFECT:-.venv/bin/prefect}"
+pool="${1:?usage: infra/start-workers.sh POOL [N]}"
+count="${2:-1}"
+limit="${CURATE_RUNS_PER_WORKER:-1}"
+: "${PREFECT_API_URL:?set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)}"
+# Flow runs send a heartbeat every 30 s: the pipeline tells a lost child by them.
+export PREFECT_FLOWS_HEARTBEAT_FREQUENCY="${PREFECT_FLOWS_HEARTBEAT_FREQUENCY:-30}"
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+
+devices=()
+if [[ -n "${CURATE_GPUS:-}" ]]; then
+  IFS=, read -ra devices <<<"$CURATE_GPUS"
+  count=${#devices[@]}
+fi
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null' EXIT INT TERM
+for ((i = 0; i < count; i++)); do
+  name="$pool-$(hostname)-$i"
+  env=()
+  if ((${#devices[@]})); then
+    env=(CUDA_VISIBLE_DEVICES="${devices[$i]}")
+    name="$pool-$(hostname)-gpu${devices[$i]}"
+  fi
+  log=/dev/stdout
+  if [[ -n "${CURATE_WORKER_LOGS:-}" ]]; then
+    mkdir -p "$CURATE_WORKER_LOGS"
+    log="$CURATE_WORKER_LOGS/$pool-$i.log"
+  fi
+  env "${env[@]}" "$PREFECT" worker start --pool "$pool" --type process --name "$name" \
+    --limit "$limit" >>"$log" 2>&1 &
+  pids+=($!)
+  echo "worker $name (pid $!) on pool $pool"
+done
+wait

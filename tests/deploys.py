@@ -1,0 +1,174 @@
+"""A real Prefect deployment for tests: `infra/start-server.sh` on a free loopback port,
+`prefect deploy` from `deployments/prefect.yaml`, process workers, the REST API. The
+`server` and `worker` fixtures are registered by conftest.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to its process group, again, then SIGKILL: an idle worker may ignore the
+    first signal."""
+    for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
+        if process.poll() is not None:
+            return
+        os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """`infra/start-server.sh` on a free loopback port, with its own SQLite database and
+    home; the scheduler loops every 5 s instead of 60 so a test sees its runs soon."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_PORT": str(port),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path}/prefect.db",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
+        "PREFECT": PREFECT,
+        "PWD": str(REPO),  # prefect.yaml's pull step: the worker runs this checkout
+    }
+    log = (tmp_path / "server.log").open("wb")
+    process = subprocess.Popen(
+        [str(REPO / "infra/start-server.sh")],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 180
+    while "Prefect UI:" not in (tmp_path / "server.log").read_text(errors="replace"):
+        if time.monotonic() > deadline or process.poll() is not None:
+            stop(process)
+            pytest.fail("infra/start-server.sh did not start: " + tail(tmp_path / "server.log"))
+        time.sleep(0.5)
+    try:
+        yield env
+    finally:
+        stop(process)
+        server_log = (tmp_path / "server.log").read_text(errors="replace")
+        assert "InvalidRequestError" not in server_log, (
+            "the scheduler failed: " + server_log[-3000:]
+        )
+
+
+def tail(path: Path, n: int = 3000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else ""
+
+
+def prefect_cli(env: dict[str, str], *args: str, timeout: int = 300) -> str:
+    result = subprocess.run(
+        [PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result.stdout
+
+
+def api(env: dict[str, str], method: str, path: str, body: object | None = None) -> Any:
+    """One call to the server's REST API. A 503 is retried, as Prefect's own client does:
+    the server answers it while SQLite is locked by another writer (a worker, the CLI)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        env["PREFECT_API_URL"] + path,
+        data=data,
+        method=method,
+        headers={"Content-Type": "application/json"},
+    )
+    for attempt in range(6):
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            if error.code != 503 or attempt == 5:
+                raise
+            time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def deploy(server: dict[str, str], folder: Path, out: Path) -> dict[str, str]:
+    """`prefect deploy --all` exactly as the README writes it: no prompt answered."""
+    env = server | {"CURATE_INPUT": str(folder), "CURATE_OUTPUT": str(out)}
+    result = subprocess.run(
+        [PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return env
+
+
+@pytest.fixture
+def worker(server: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A process worker on the pipeline's pool, started after the deployments."""
+    log = (tmp_path / "worker.log").open("wb")
+    process = subprocess.Popen(
+        [PREFECT, "worker", "start", "--pool", "curate-local"],
+        env=server | {"PREFECT_WORKER_QUERY_SECONDS": "2"},
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        yield process
+    finally:
+        stop(process)
+
+
+def digits(folder: Path, n: int = 40) -> Path:
+    from flows.demo import digit_images, encode
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images, _ = digit_images()
+    for i in range(n):
+        (folder / f"d{i:03d}.png").write_bytes(encode(images[i], "PNG"))
+    (folder / "zz_truncated.png").write_bytes(encode(images[0], "PNG")[:100])
+    return folder
+
+
+def wait_for_runs(env: dict[str, str], run_ids: list[str], timeout: float = 400) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = [api(env, "GET", f"/flow_runs/{rid}") for rid in run_ids]
+        if all(run["state"]["type"] in FINAL for run in runs) or time.monotonic() > deadline:
+            return runs
+        time.sleep(2)
+
+
+def reports(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/report.json"))]

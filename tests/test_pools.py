@@ -1,0 +1,216 @@
+"""Pooled runs end to end: a real server (`infra/start-server.sh`), the deployments of
+`deployments/prefect.yaml`, workers started by `infra/start-workers.sh` (two on
+curate-cpu, one on curate-gpu, on the CPU here) and one on the pipeline's pool."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from deploys import PREFECT, REPO, api, deploy, digits, reports, stop, tail, wait_for_runs
+
+# Small shards and children, so that a few hundred images make several of each.
+SETTINGS = {
+    "shard_size": 40,
+    "embedding": {"input_size": 32},
+    "stopping_condition": {"n_samples": 15},
+}
+POOLED = {"mode": "pools", "samples_per_child": 80, "child_lost_after_seconds": 35}
+
+
+@pytest.fixture
+def start_workers(server: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., list[int]]]:
+    """`infra/start-workers.sh POOL N`; returns the workers' pids."""
+    started: list[subprocess.Popen[bytes]] = []
+    logs = tmp_path / "workers"
+
+    def start(pool: str, count: int) -> list[int]:
+        out = logs / f"{pool}.out"
+        logs.mkdir(exist_ok=True)
+        process = subprocess.Popen(
+            [str(REPO / "infra/start-workers.sh"), pool, str(count)],
+            env=server | {"PREFECT_WORKER_QUERY_SECONDS": "2", "CURATE_WORKER_LOGS": str(logs)},
+            stdout=out.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        started.append(process)
+        deadline = time.monotonic() + 30
+        while len(pids := re.findall(r"\(pid (\d+)\)", out.read_text())) < count:
+            assert time.monotonic() < deadline, tail(out)
+            time.sleep(0.2)
+        return [int(p) for p in pids]
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            stop(process)
+
+
+def _run(env: dict[str, str], deployment: str, parameters: dict) -> str:
+    found = api(env, "GET", f"/deployments/name/{deployment}")
+    run = api(
+        env, "POST", f"/deployments/{found['id']}/create_flow_run", {"parameters": parameters}
+    )
+    return str(run["id"])
+
+
+def _children(env: dict[str, str], deployment: str) -> list[dict]:
+    found = api(env, "GET", f"/deployments/name/{deployment}")
+    return list(
+        api(
+            env,
+            "POST",
+            "/flow_runs/filter",
+            {"flow_runs": {"deployment_id": {"any_": [found["id"]]}}},
+        )
+    )
+
+
+def _in_process(env: dict[str, str], folder: Path, out: Path) -> Path:
+    """The same input curated by `curate run` in one process: what pools must equal."""
+    args = [
+        f"input={folder}",
+        f"output={out}",
+        f"shard_size={SETTINGS['shard_size']}",
+        "embedding.input_size=32",
+        "stopping_condition.n_samples=15",
+    ]
+    result = subprocess.run(
+        [str(Path(PREFECT).parent / "curate"), "run", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return Path(result.stdout.strip().splitlines()[-1].removeprefix("run: "))
+
+
+def _same_result(pooled: Path, local: Path) -> None:
+    for name in ("filenames/selected_filenames.txt", "filenames/corrupt_filenames.txt"):
+        assert (pooled / name).read_text() == (local / name).read_text(), name
+    a = pd.read_csv(pooled / "data/embeddings.csv")
+    b = pd.read_csv(local / "data/embeddings.csv")
+    assert list(a["filenames"]) == list(b["filenames"])
+    np.testing.assert_allclose(
+        a.filter(like="embedding_").to_numpy(), b.filter(like="embedding_").to_numpy(), atol=1e-5
+    )
+
+
+def _workers_of(logs: Path, run_ids: list[str]) -> dict[str, set[str]]:
+    """Which worker log names each flow run (a worker logs each run it submits)."""
+    taken: dict[str, set[str]] = {}
+    for log in logs.glob("*.log"):
+        text = log.read_text(errors="replace")
+        for run_id in run_ids:
+            if run_id in text:
+                taken.setdefault(run_id, set()).add(log.stem)
+    return taken
+
+
+@pytest.mark.slow
+def test_a_pooled_run_checks_on_two_cpu_workers_embeds_on_the_gpu_pool_and_equals_one_process(
+    server, worker, start_workers, tmp_path
+):
+    folder = digits(tmp_path / "in", 320)
+    out = tmp_path / "out"
+    env = deploy(server, folder, out)
+    start_workers("curate-cpu", 2)
+    start_workers("curate-gpu", 1)
+    run_id = _run(env, "curate/pools", SETTINGS | {"orchestration": POOLED})
+    (run,) = wait_for_runs(env, [run_id], timeout=600)
+    assert run["state"]["type"] == "COMPLETED", tail(tmp_path / "worker.log", 6000)
+
+    checks, embeds = _children(env, "check/curate-cpu"), _children(env, "embed/curate-gpu")
+    (report,) = reports(out)
+    shards = report["steps"]["check"]["shards"]
+    assert len(checks) == len(embeds) and 2 < len(checks) < shards  # batches of shards
+    assert {r["work_pool_name"] for r in checks} == {"curate-cpu"}
+    assert {r["work_pool_name"] for r in embeds} == {"curate-gpu"}
+    assert all(r["state"]["type"] == "COMPLETED" for r in checks + embeds)
+    taken = _workers_of(tmp_path / "workers", [r["id"] for r in checks])
+    assert {w for names in taken.values() for w in names} == {"curate-cpu-0", "curate-cpu-1"}
+    assert all(r["parent_task_run_id"] for r in checks), "children show under the pipeline"
+
+    dataset = sum(p.stat().st_size for p in folder.iterdir())
+    assert report["steps"]["check"]["bytes_read"] == dataset  # one read of the input
+    assert report["steps"]["embed"]["bytes_read"] == 0  # from the CPU pool's model inputs
+    assert "curate-gpu" not in report["embedding"]["device"]  # the device, and the host
+    assert report["embedding"]["device"].startswith("cpu (")
+    local = _in_process(env, folder, tmp_path / "local")
+    _same_result(_run_dir(out), local)
+
+
+def _run_dir(out: Path) -> Path:
+    (run,) = sorted((out / "runs").glob("*/report.json"))
+    return run.parent
+
+
+def _descendants(pid: int) -> list[int]:
+    """A process's children, grandchildren, ... (from /proc)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        current = frontier.pop()
+        children = [p for p, parent in parents.items() if parent == current]
+        found += children
+        frontier += children
+    return found
+
+
+@pytest.mark.slow
+def test_a_cpu_worker_killed_mid_run_loses_nothing_the_run_completes_with_the_same_result(
+    server, worker, start_workers, tmp_path
+):
+    folder = digits(tmp_path / "in", 320)
+    out = tmp_path / "out"
+    env = deploy(server, folder, out)
+    cpu = start_workers("curate-cpu", 2)
+    start_workers("curate-gpu", 1)
+    run_id = _run(env, "curate/pools", SETTINGS | {"orchestration": POOLED})
+
+    # Kill the worker running the first check, with its flow run's process: a machine lost.
+    deadline, victim = time.monotonic() + 300, None
+    while victim is None:
+        assert time.monotonic() < deadline, tail(tmp_path / "worker.log")
+        running = [r for r in _children(env, "check/curate-cpu") if r["state_type"] == "RUNNING"]
+        for r in running:
+            taken = _workers_of(tmp_path / "workers", [r["id"]]).get(r["id"], set())
+            if taken:
+                victim = (r, int(next(iter(taken)).rsplit("-", 1)[1]))
+                break
+        time.sleep(0.5)
+    lost_run, index = victim
+    pid = cpu[index]
+    for p in [pid, *_descendants(pid)]:
+        os.kill(p, signal.SIGKILL)
+
+    (run,) = wait_for_runs(env, [run_id], timeout=600)
+    assert run["state"]["type"] == "COMPLETED", tail(tmp_path / "worker.log", 6000)
+    lost = api(env, "GET", f"/flow_runs/{lost_run['id']}")
+    assert lost["state"]["type"] == "CRASHED" and "heartbeat" in lost["state"]["message"]
+    logs = api(env, "POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}})
+    assert any("dispatching it again" in log["message"] for log in logs)
+
+    from tasks.datapool import load_datapool
+    from tasks.storage import open_storage
+
+    objects = load_datapool(open_storage(str(out))).objects
+    assert objects["key"].is_unique and len(objects) == 321
+    _same_result(_run_dir(out), _in_process(env, folder, tmp_path / "local"))
