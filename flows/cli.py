@@ -13,7 +13,6 @@ import logging
 import os
 import sys
 import textwrap
-import time
 from importlib.metadata import version
 
 # Private defaults, before Prefect reads its settings: no analytics; the console shows
@@ -79,32 +78,24 @@ def _hide_user_errors_from_console() -> None:
         handler.addFilter(_UserErrorFilter())
 
 
-def _sanity_check() -> int:
-    """Check the install end to end and print what was found."""
-    import numpy as np
+def _sanity_check(pool: str | None, output: str | None, timeout: float) -> int:
+    """Check the install end to end (here, or on a worker of `pool`) and print what was
+    found."""
+    from flows import sanity
 
-    from flows.curate import package_versions
-    from tasks.device import pick_device
-    from tasks.embed import Embedder, build_model
-    from tasks.weights import resolve_weights
-
-    for name, value in package_versions().items():
-        print(f"{name}: {value}")
-    device = pick_device("auto")
-    started = time.perf_counter()
-    model = build_model("resnet18", resolve_weights(None, False, 0), None, device)
-    vectors = Embedder(model, device).embed(np.zeros((2, 32, 32, 3), np.uint8), 2)
-    print(
-        f"embedding: resnet18 on {device}, dim {vectors.shape[1]}, "
-        f"{time.perf_counter() - started:.2f} s"
-    )
-    for client in ("boto3", "gcsfs", "adlfs", "av"):
-        try:
-            module = __import__(client)
-            print(f"{client}: {getattr(module, '__version__', 'ok')}")
-        except ImportError as exc:
-            print(f"{client}: missing ({exc})")
-            return 1
+    if pool is not None:
+        if not output:
+            raise ConfigError("sanity-check --pool needs --output URL: the workers' output")
+        checks = sanity.on_pool(pool, output, timeout)
+    else:
+        checks = sanity.machine_checks()
+    for what, found, _ in checks:
+        print(f"{what}: {found}")
+    if not all(ok for _, _, ok in checks):
+        return 1
+    if pool is not None:
+        print(f"pool {pool}: a worker ran the checks and reached {output}")
+        return 0
 
     from prefect import flow
 
@@ -152,7 +143,15 @@ def main(argv: list[str] | None = None) -> int:
         "output=DIR stopping_condition.n_samples=K [names=FILE.txt] [selection...]`.",
     )
     select.add_argument("args", nargs="*", metavar="embeddings=FILE output=DIR KEY=VALUE")
-    commands.add_parser("sanity-check", help="check the install")
+    check = commands.add_parser(
+        "sanity-check",
+        help="check the install, here or on a pool's worker",
+        description="Check the install: packages, device, a tiny embedding, cloud clients, "
+        "Prefect. With --pool, a worker of that pool runs the checks and reaches --output.",
+    )
+    check.add_argument("--pool", help="run the checks on a worker of this work pool")
+    check.add_argument("--output", help="the output location the pool's workers use")
+    check.add_argument("--timeout", type=float, default=300, help="seconds to wait [300]")
     parsed = parser.parse_args(argv)
     if parsed.command == "select":
         from flows.select_only import main as select_main
@@ -160,7 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         return select_main(parsed.args)
     if parsed.command == "run":
         return _run(parsed.args)
-    return _sanity_check()
+    try:
+        return _sanity_check(parsed.pool, parsed.output, parsed.timeout)
+    except CurateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
 
 
 if __name__ == "__main__":

@@ -76,6 +76,15 @@ def _children(env: dict[str, str], deployment: str) -> list[dict]:
     )
 
 
+CURATE = str(Path(PREFECT).parent / "curate")
+
+
+def _curate(env: dict[str, str], *args: str) -> str:
+    result = subprocess.run([CURATE, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result.stdout
+
+
 def _in_process(env: dict[str, str], folder: Path, out: Path) -> Path:
     """The same input curated by `curate run` in one process: what pools must equal."""
     args = [
@@ -85,15 +94,8 @@ def _in_process(env: dict[str, str], folder: Path, out: Path) -> Path:
         "embedding.input_size=32",
         "stopping_condition.n_samples=15",
     ]
-    result = subprocess.run(
-        [str(Path(PREFECT).parent / "curate"), "run", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    return Path(result.stdout.strip().splitlines()[-1].removeprefix("run: "))
+    printed = _curate(env, "run", *args)
+    return Path(printed.strip().splitlines()[-1].removeprefix("run: "))
 
 
 def _same_result(pooled: Path, local: Path) -> None:
@@ -149,6 +151,20 @@ def test_a_pooled_run_checks_on_two_cpu_workers_embeds_on_the_gpu_pool_and_equal
     assert report["embedding"]["device"].startswith("cpu (")
     local = _in_process(env, folder, tmp_path / "local")
     _same_result(_run_dir(out), local)
+
+    # Each pool's worker imports everything, sees its device, reaches the output.
+    for pool in ("curate-local", "curate-cpu", "curate-gpu"):
+        printed = _curate(env, "sanity-check", "--pool", pool, "--output", str(out))
+        assert f"pool {pool}: a worker ran the checks and reached {out}" in printed
+        assert "embedding: resnet18 on cpu, dim 512" in printed and "av: " in printed
+    refused = subprocess.run(
+        [CURATE, "sanity-check", "--pool", "nowhere", "--output", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 1 and "no deployment sanity/nowhere" in refused.stderr
 
 
 def _run_dir(out: Path) -> Path:
