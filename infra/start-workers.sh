@@ -24,7 +24,25 @@ if [[ -n "${CURATE_GPUS:-}" ]]; then
   count=${#devices[@]}
 fi
 pids=()
-trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null' EXIT INT TERM
+alive() {
+  local pid
+  for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && return 0; done
+  return 1
+}
+stop() {
+  # An idle worker may ignore the first SIGTERM: ask twice, then kill what is left.
+  local signal
+  for signal in TERM TERM KILL; do
+    alive || return 0
+    kill -s "$signal" "${pids[@]}" 2>/dev/null || true
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+      alive || return 0
+      sleep 0.5
+    done
+  done
+}
+trap 'stop; exit 0' INT TERM
+trap stop EXIT
 for ((i = 0; i < count; i++)); do
   name="$pool-$(hostname)-$i"
   env=()
