@@ -37,7 +37,7 @@ def make_images(folder: Path, n: int) -> None:
 
 def bare_loop(folder: Path, input_size: int, batch_size: int, workers: int) -> float:
     """Seconds to embed every image with plain Pillow + timm + torch."""
-    from tasks.embed import Embedder, build_model
+    from tasks.models import Embedder, build_model
     from tasks.weights import resolve_weights
 
     started = time.perf_counter()

@@ -25,8 +25,8 @@ import torch
 
 from flows.demo import photo_crops
 from tasks.config import Training
-from tasks.embed import Weights, build_model
 from tasks.formats import npy_bytes, to_parquet_bytes
+from tasks.models import build_model
 from tasks.shards import CheckedShard
 from tasks.storage import open_storage
 from tasks.train import (
@@ -38,6 +38,7 @@ from tasks.train import (
     train,
     training_loaders,
 )
+from tasks.weights import Weights
 
 CPU = torch.device("cpu")
 SHARD = 400  # images per .npy part (the check writes one per shard)

@@ -98,7 +98,7 @@ def bare_decode(path: Path, size: int, embed: object | None = None, batch: int =
 
 
 def embedder() -> object:
-    from tasks.embed import Embedder, build_model
+    from tasks.models import Embedder, build_model
     from tasks.weights import resolve_weights
 
     device = torch.device("cpu")

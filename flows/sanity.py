@@ -29,7 +29,7 @@ def machine_checks() -> list[tuple[str, str, bool]]:
 
     from flows.curate import package_versions
     from tasks.device import pick_device
-    from tasks.embed import Embedder, build_model
+    from tasks.models import Embedder, build_model
     from tasks.weights import resolve_weights
 
     found = [(name, value, True) for name, value in package_versions().items()]

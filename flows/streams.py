@@ -75,7 +75,7 @@ def plan_embedding(config: CurateConfig) -> EmbeddingPlan:
     import torch
 
     from tasks.device import default_input_size, pick_device
-    from tasks.embed import check_model_name
+    from tasks.models import check_model_name
 
     emb = config.embedding
     pooled = config.orchestration.mode == "pools"

@@ -22,7 +22,7 @@ import pandas as pd
 import pandera.pandas as pa
 
 if TYPE_CHECKING:
-    from tasks.check import Decoded
+    from tasks.inputs import Decoded
 
 METADATA_SCHEMA = pa.DataFrameSchema(
     {

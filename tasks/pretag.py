@@ -24,10 +24,11 @@ import torch
 from tasks.caching import cached_step, current_step_key
 from tasks.config import Pretagging
 from tasks.device import pick_device
-from tasks.embed import check_model_name, shard_inputs
 from tasks.errors import CurateError
 from tasks.formats import read_parquet_bytes
+from tasks.inputs import shard_inputs
 from tasks.keys import artifact_key
+from tasks.models import check_model_name
 from tasks.predictions import predictions_bytes, predictions_frame, read_predictions
 from tasks.shards import CheckedShard
 from tasks.storage import Storage, open_storage

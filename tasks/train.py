@@ -33,10 +33,11 @@ from torch import nn
 from tasks.caching import cached_step, current_step_key
 from tasks.config import Training
 from tasks.device import pick_device
-from tasks.embed import build_model, shard_inputs
 from tasks.errors import CurateError
 from tasks.formats import read_parquet_bytes
+from tasks.inputs import shard_inputs
 from tasks.keys import artifact_key
+from tasks.models import build_model
 from tasks.shards import CheckedShard
 from tasks.storage import Storage, open_storage
 from tasks.weights import Weights, resolve_weights

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from flows.demo import corrupt_files, encode, photo_crops
-from tasks.check import Decoded, decode_image, model_input, png_chunk_problem
+from tasks.inputs import Decoded, decode_image, model_input, png_chunk_problem
 
 LIMIT = 178_956_970
 

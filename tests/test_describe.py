@@ -8,8 +8,8 @@ import pytest
 from PIL import Image, ImageFilter
 
 from flows.demo import encode
-from tasks.check import Decoded, decode_image
 from tasks.describe import describe, metadata_frame
+from tasks.inputs import Decoded, decode_image
 
 
 def _row(image: Image.Image, fmt: str = "PNG", **options: object) -> dict[str, object]:

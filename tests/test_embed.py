@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tasks.embed import Embedder, build_model
 from tasks.errors import CurateError
+from tasks.models import Embedder, build_model
 from tasks.weights import Weights, resolve_weights
 
 CPU = torch.device("cpu")

@@ -21,7 +21,7 @@ RUN = """
 import json, resource, sys
 from flows.curate import curate
 from tasks.config import load_config
-from tasks.embed import _embedders
+from tasks.models import _embedders
 run_dir = curate(**load_config(None, sys.argv[1:]).sections())
 model_bytes = sum(p.numel() * p.element_size() for e in _embedders.values()
                   for p in e.model.parameters())

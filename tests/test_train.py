@@ -14,8 +14,8 @@ import torch
 
 from flows.demo import digit_images
 from tasks.config import Training
-from tasks.embed import Embedder, build_model
 from tasks.errors import CurateError
+from tasks.models import Embedder, build_model
 from tasks.train import TrainingSet, checkpoint_bytes, initial_backbone, train
 from tasks.weights import resolve_weights
 

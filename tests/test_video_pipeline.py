@@ -229,7 +229,7 @@ def test_frames_of_a_kept_damaged_video_are_decoded_again_up_to_the_damage(tmp_p
     at the last wanted frame: decoding on would hit the damaged one."""
     from videos import damaged_middle, video_bytes
 
-    from tasks.embed import frame_inputs
+    from tasks.inputs import frame_inputs
     from tasks.naming import frame_name
     from tasks.storage import open_storage
     from tasks.video import _sequential, check_video
