@@ -7,8 +7,8 @@ A. Check + metadata of the same images as `check` flow runs on curate-cpu, dispa
    the pipeline's own fan-out, with 1 worker and then 2 (one decode thread per child, so
    each worker is one core's worth). Target: 1 worker / 2 workers >= 1.6.
 B. A whole run of the same images in one process (`curate run`) vs through the pools
-   (the `pools` deployment: 2 CPU workers, 1 worker on curate-gpu). Target: pooled /
-   in-process <= 1.15.
+   (the `pools` deployment: 2 CPU workers with one decode thread each, 1 worker on
+   curate-gpu, children of one 2000-image shard). Target: pooled / in-process <= 1.15.
 
     python -m bench.bench_pools [--images 10000]
 """
@@ -166,6 +166,8 @@ def main() -> None:
                 "input": str(folder), "output": str(tmp / "b-pools"),
                 "stopping_condition": {"proportion_samples": 0.05},
                 "embedding": {"input_size": 64}, "num_workers": 1,
+                # children of one shard: both CPU workers busy, checks overlap embeds
+                "orchestration": {"mode": "pools", "samples_per_child": 2000},
             })  # fmt: skip
             pooled = time.perf_counter() - started
         finally:
