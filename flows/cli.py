@@ -20,6 +20,9 @@ from importlib.metadata import version
 # still gets every INFO line.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+# Without a server, a run starts a temporary one; on a busy small machine that takes longer
+# than Prefect's 20 s default.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 from tasks.errors import ConfigError, CurateError  # noqa: E402
 

@@ -182,8 +182,9 @@ class Fanout:
 
     def _lost_children(self, runs: list[Any]) -> set[UUID]:
         """Running children whose last heartbeat is older than
-        `child_lost_after_seconds`. A child that never sent one is never judged lost
-        here (its worker may not send heartbeats): the timeout covers it."""
+        `child_lost_after_seconds`, and pending ones that never started in that time. A
+        running child that never sent one is never judged lost here (its worker may not
+        send heartbeats): the timeout covers it."""
         from prefect.events.filters import (
             EventFilter,
             EventNameFilter,
@@ -192,9 +193,18 @@ class Fanout:
         )
 
         self._last_heartbeat_check = time.monotonic()
+        limit = timedelta(seconds=self.settings.child_lost_after_seconds)
+        now = datetime.now(UTC)
+        # Pending: a worker took it and is starting its process (seconds); far longer,
+        # the worker died in between.
+        lost = {
+            r.id
+            for r in runs
+            if r.state and r.state.type.value == "PENDING" and now - r.state.timestamp > limit
+        }
         running = [r for r in runs if r.state and r.state.type.value == "RUNNING"]
         if not running:
-            return set()
+            return lost
         # The newest heartbeat of each (`distinct`, newest first), from a recent window.
         horizon = datetime.now(UTC) - 3 * timedelta(seconds=self.settings.child_lost_after_seconds)
         page = self.client.read_events(
@@ -211,11 +221,9 @@ class Fanout:
         for event in page.events:
             rid = event.resource.id
             last[rid] = max(last.get(rid, event.occurred), event.occurred)
-        lost = set()
-        limit = timedelta(seconds=self.settings.child_lost_after_seconds)
         for run in running:
             beat = last.get(f"prefect.flow-run.{run.id}")
-            if beat is not None and datetime.now(UTC) - beat > limit:
+            if beat is not None and now - beat > limit:
                 lost.add(run.id)
         return lost
 
@@ -223,7 +231,7 @@ class Fanout:
         from prefect.states import Crashed
 
         message = (
-            f"no heartbeat for {self.settings.child_lost_after_seconds:g} s "
+            f"no heartbeat, or not started, for {self.settings.child_lost_after_seconds:g} s "
             "(orchestration.child_lost_after_seconds): its worker is gone"
         )
         self.client.set_flow_run_state(run_id, Crashed(message=message), force=True)
