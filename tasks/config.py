@@ -355,8 +355,9 @@ class Orchestration(_Section):
     child_lost_after_seconds: float = Field(
         120.0,
         ge=35,
-        description="A running child with no heartbeat for this long lost its worker (workers "
-        "send one every 30 s): it is marked crashed and its work dispatched again.",
+        description="A running child with no heartbeat for this long (workers send one every "
+        "30 s), or a pending one not started in this time, lost its worker: it is marked "
+        "crashed and its work dispatched again.",
     )
     child_timeout_seconds: float = Field(
         6 * 3600.0,

@@ -126,10 +126,11 @@ def test_a_pooled_run_checks_on_two_cpu_workers_embeds_on_the_gpu_pool_and_equal
 ):
     folder = digits(tmp_path / "in", 320)
     out = tmp_path / "out"
-    env = deploy(server, folder, out)
+    # The deployments' own output is elsewhere: `incremental`'s hourly cron may fire.
+    env = deploy(server, folder, tmp_path / "scheduled-out")
     start_workers("curate-cpu", 2)
     start_workers("curate-gpu", 1)
-    run_id = _run(env, "curate/pools", SETTINGS | {"orchestration": POOLED})
+    run_id = _run(env, "curate/pools", SETTINGS | {"output": str(out), "orchestration": POOLED})
     (run,) = wait_for_runs(env, [run_id], timeout=600)
     assert run["state"]["type"] == "COMPLETED", tail(tmp_path / "worker.log", 6000)
 
@@ -196,10 +197,11 @@ def test_a_cpu_worker_killed_mid_run_loses_nothing_the_run_completes_with_the_sa
 ):
     folder = digits(tmp_path / "in", 320)
     out = tmp_path / "out"
-    env = deploy(server, folder, out)
+    # The deployments' own output is elsewhere: `incremental`'s hourly cron may fire.
+    env = deploy(server, folder, tmp_path / "scheduled-out")
     cpu = start_workers("curate-cpu", 2)
     start_workers("curate-gpu", 1)
-    run_id = _run(env, "curate/pools", SETTINGS | {"orchestration": POOLED})
+    run_id = _run(env, "curate/pools", SETTINGS | {"output": str(out), "orchestration": POOLED})
 
     # Kill the worker that took the first check, with its flow run's process, as soon as
     # it took it (a check of 80 tiny images is over in a second): a machine lost.
