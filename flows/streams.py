@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -25,6 +26,7 @@ from flows.steps import (
     EmbedJob,
     EmbedSettings,
     job_result_key,
+    num_workers,
     submit_check,
     submit_embed,
 )
@@ -54,8 +56,6 @@ class EmbeddingPlan:
     identity: dict[str, Any]  # what makes embeddings comparable (the datapool's model)
 
     def embed_settings(self, config: CurateConfig) -> EmbedSettings:
-        from flows.steps import num_workers
-
         return EmbedSettings(
             input=config.input,
             output=config.output,
@@ -329,8 +329,6 @@ class PooledStreams(Streams):
         while len(self.checked) < len(self.shards):
             self.fanout.poll()
             if len(self.checked) < len(self.shards):
-                import time
-
                 time.sleep(1)
         checked = self._ordered(self.checked, steps.setdefault("check", StepStats()))
         self.progress.terminal.add_step("embed", total_samples=sum(c.valid for c in checked))
