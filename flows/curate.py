@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from importlib.metadata import version
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from prefect import flow, get_run_logger
@@ -60,9 +60,6 @@ from tasks.keys import PIPELINE_VERSION, artifact_key
 from tasks.shards import CheckedShard, EmbeddedShard, StepStats, read_manifest
 from tasks.storage import Storage, open_storage
 from tasks.weights import resolve_weights
-
-if TYPE_CHECKING:
-    pass
 
 # How many corrupt files the flow log names (all are in corrupt_filenames.txt).
 LOGGED_CORRUPT = 10

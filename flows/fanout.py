@@ -52,7 +52,6 @@ class Child:
     run_id: UUID | None = None
     run_name: str = ""
     submitted: float = 0.0
-    started_seen: float | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -83,12 +82,17 @@ class Fanout:
         if time.monotonic() - self._last_poll >= POLL_SECONDS:
             self.poll()
 
+    def wait_until(self, done: Callable[[], bool]) -> None:
+        """Watch the children until `done()` (their results are handed on as they come)."""
+        while True:
+            self.poll()
+            if done():
+                return
+            time.sleep(POLL_SECONDS)
+
     def drain(self) -> None:
         """Wait until every child (and every child their results submit) is done."""
-        while self.running or any(self.queued.values()):
-            self.poll()
-            if self.running:
-                time.sleep(POLL_SECONDS)
+        self.wait_until(lambda: not self.running and not any(self.queued.values()))
 
     def close(self, failed: bool) -> None:
         """Cancel what is still running when the run failed; release the client."""
@@ -121,7 +125,7 @@ class Fanout:
             ),
         )
         child.run_id, child.run_name = run.id, run.name
-        child.submitted, child.started_seen = time.monotonic(), None
+        child.submitted = time.monotonic()
         self.running[run.id] = child
 
     # Watching.

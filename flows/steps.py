@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,6 @@ from tasks.weights import Weights
 
 def num_workers(setting: int) -> int:
     """Threads for decoding: -1 means one per vCPU."""
-    import os
-
     return (os.cpu_count() or 1) if setting == -1 else max(1, setting)
 
 

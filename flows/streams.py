@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -326,10 +325,7 @@ class PooledStreams(Streams):
 
     def collect_checks(self, steps: dict[str, StepStats]) -> list[CheckedShard]:
         # Checks first: embeds they started go on while dedup runs.
-        while len(self.checked) < len(self.shards):
-            self.fanout.poll()
-            if len(self.checked) < len(self.shards):
-                time.sleep(1)
+        self.fanout.wait_until(lambda: len(self.checked) == len(self.shards))
         checked = self._ordered(self.checked, steps.setdefault("check", StepStats()))
         self.progress.terminal.add_step("embed", total_samples=sum(c.valid for c in checked))
         return checked

@@ -120,17 +120,26 @@ def _workers_of(logs: Path, run_ids: list[str]) -> dict[str, set[str]]:
     return taken
 
 
-@pytest.mark.slow
-def test_a_pooled_run_checks_on_two_cpu_workers_embeds_on_the_gpu_pool_and_equals_one_process(
-    server, worker, start_workers, tmp_path
-):
+def _pooled_run(
+    server: dict[str, str], start_workers: Callable[..., list[int]], tmp_path: Path
+) -> tuple[Path, Path, dict[str, str], list[int], str]:
+    """321 images, the deployments, 2 CPU workers and 1 on curate-gpu, and a run of
+    `curate/pools` into `out`: (input, out, env, the CPU workers' pids, the run's id)."""
     folder = digits(tmp_path / "in", 320)
     out = tmp_path / "out"
     # The deployments' own output is elsewhere: `incremental`'s hourly cron may fire.
     env = deploy(server, folder, tmp_path / "scheduled-out")
-    start_workers("curate-cpu", 2)
+    cpu = start_workers("curate-cpu", 2)
     start_workers("curate-gpu", 1)
     run_id = _run(env, "curate/pools", SETTINGS | {"output": str(out), "orchestration": POOLED})
+    return folder, out, env, cpu, run_id
+
+
+@pytest.mark.slow
+def test_a_pooled_run_checks_on_two_cpu_workers_embeds_on_the_gpu_pool_and_equals_one_process(
+    server, worker, start_workers, tmp_path
+):
+    folder, out, env, _, run_id = _pooled_run(server, start_workers, tmp_path)
     (run,) = wait_for_runs(env, [run_id], timeout=600)
     assert run["state"]["type"] == "COMPLETED", tail(tmp_path / "worker.log", 6000)
 
@@ -195,13 +204,7 @@ def _descendants(pid: int) -> list[int]:
 def test_a_cpu_worker_killed_mid_run_loses_nothing_the_run_completes_with_the_same_result(
     server, worker, start_workers, tmp_path
 ):
-    folder = digits(tmp_path / "in", 320)
-    out = tmp_path / "out"
-    # The deployments' own output is elsewhere: `incremental`'s hourly cron may fire.
-    env = deploy(server, folder, tmp_path / "scheduled-out")
-    cpu = start_workers("curate-cpu", 2)
-    start_workers("curate-gpu", 1)
-    run_id = _run(env, "curate/pools", SETTINGS | {"output": str(out), "orchestration": POOLED})
+    folder, out, env, cpu, run_id = _pooled_run(server, start_workers, tmp_path)
 
     # Kill the worker that took the first check, with its flow run's process, as soon as
     # it took it (a check of 80 tiny images is over in a second): a machine lost.
