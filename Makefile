@@ -31,7 +31,7 @@ demo: install
 	$(PY) -m flows.demo
 
 test: install emulators lint type-check
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist worksteal
 
 test-fast: install emulators
 	$(PY) -m pytest -q -m "not slow"
