@@ -9,6 +9,7 @@ well under two seconds.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -43,11 +44,13 @@ def _run(args: list[str]) -> int:
 
     from flows.artifacts import summary_line
     from flows.curate import curate
+    from flows.tempserver import prefect_api
     from tasks.storage import open_storage
 
     _hide_user_errors_from_console()
     try:
-        run_dir = curate(**config.sections())
+        with prefect_api():
+            run_dir = curate(**config.sections())
     except CurateError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
@@ -62,10 +65,15 @@ def _run(args: list[str]) -> int:
 
 
 class _UserErrorFilter(logging.Filter):
-    """Drop Prefect's console records about a CurateError: the CLI prints the error in
-    one line itself. The Prefect API (and UI) still receives the full record."""
+    """Drop Prefect's console records about a CurateError or a requested stop (a crash
+    record per task run): the CLI says it in one line itself. The Prefect API (and UI)
+    still receives the full record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        from tasks import stop
+
+        if stop.requested.is_set() and record.levelno < logging.CRITICAL:
+            return False
         if getattr(record, "curate_user_error", False):
             return False
         if record.exc_info and isinstance(record.exc_info[1], CurateError):
@@ -156,6 +164,26 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--output", help="the output location the pool's workers use")
     check.add_argument("--timeout", type=float, default=300, help="seconds to wait [300]")
     parsed = parser.parse_args(argv)
+    from tasks import stop
+
+    stop.install_handlers()
+    try:
+        return _command(parsed)
+    except KeyboardInterrupt:
+        # The run has unwound: the datapool lock is released, nothing half-committed.
+        print(
+            "interrupted: the datapool is as the last completed run left it; the next run "
+            "reuses the shards already done",
+            file=sys.stderr,
+        )
+        return stop.exit_code()
+    finally:
+        # The interpreter's last garbage collection walks every object torch, timm and
+        # Prefect made: seconds, for a process that is ending. Frozen objects are skipped.
+        gc.freeze()
+
+
+def _command(parsed: argparse.Namespace) -> int:
     if parsed.command == "select":
         from flows.select_only import main as select_main
 

@@ -58,6 +58,7 @@ from tasks.export import Exported, RunSummary, export, point_latest, write_repor
 from tasks.formats import npy_bytes, read_npy, to_parquet_bytes
 from tasks.keys import PIPELINE_VERSION, artifact_key
 from tasks.shards import CheckedShard, EmbeddedShard, StepStats, read_manifest
+from tasks.stop import stop_threads_on_sigterm
 from tasks.storage import Storage, open_storage
 from tasks.weights import resolve_weights
 
@@ -156,7 +157,8 @@ def curate(**sections: Any) -> str:
     lock throughout and commits the datapool last, in one atomic step."""
     logger = get_run_logger()
     try:
-        return _locked(sections, logger)
+        with stop_threads_on_sigterm():
+            return _locked(sections, logger)
     except Exception as exc:
         # A failed run's state carries its error in memory only: Prefect would pickle a
         # raised exception (paths, messages) into its local result storage.

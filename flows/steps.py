@@ -26,6 +26,7 @@ from tasks.caching import OutputResults, result_storage
 from tasks.config import CurateConfig
 from tasks.keys import artifact_key, content_key
 from tasks.shards import CheckedShard, EmbeddedShard, Shard
+from tasks.stop import stop_threads_on_sigterm
 from tasks.storage import open_storage
 from tasks.weights import Weights
 
@@ -216,10 +217,11 @@ def check(job: CheckJob) -> str:
     results = result_storage(open_storage(job.settings.output))
     # One shard at a time: each check already decodes on every core it is given.
     futures: list[PrefectFuture[Any]] = []
-    for shard in job.shards:
-        futures.append(submit_check(shard, job.settings, results, wait_for=futures[-1:]))
-    get_run_logger().info("checking %d shards on %s", len(job.shards), platform.node())
-    return _finish("check", job, job.settings.output, futures, "cpu")
+    with stop_threads_on_sigterm():  # a cancelled child stops within one image
+        for shard in job.shards:
+            futures.append(submit_check(shard, job.settings, results, wait_for=futures[-1:]))
+        get_run_logger().info("checking %d shards on %s", len(job.shards), platform.node())
+        return _finish("check", job, job.settings.output, futures, "cpu")
 
 
 @flow(name="embed", flow_run_name=job_run_name, persist_result=False, retries=1)
@@ -238,6 +240,9 @@ def embed(job: EmbedJob) -> str:
     )
     results = result_storage(open_storage(job.settings.output))
     futures: list[PrefectFuture[Any]] = []
-    for shard, checked in zip(job.shards, job.checked, strict=True):
-        futures.append(submit_embed(shard, checked, job.settings, results, wait_for=futures[-1:]))
-    return _finish("embed", job, job.settings.output, futures, str(device))
+    with stop_threads_on_sigterm():  # a cancelled child stops within one batch
+        for shard, checked in zip(job.shards, job.checked, strict=True):
+            futures.append(
+                submit_embed(shard, checked, job.settings, results, wait_for=futures[-1:])
+            )
+        return _finish("embed", job, job.settings.output, futures, str(device))

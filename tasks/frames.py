@@ -30,6 +30,7 @@ from tasks.formats import npy_chunks, to_parquet_bytes
 from tasks.keys import artifact_key
 from tasks.naming import frame_name
 from tasks.shards import CheckedShard, Shard, read_manifest
+from tasks.stop import raise_if_stopped
 from tasks.storage import ObjectInfo, Storage, open_storage
 from tasks.video import VideoInfo, check_video, probe, read_frames, to_rgb
 
@@ -279,6 +280,7 @@ def export_frames(
         names = dict(zip(rows["frame_index"].astype(int), rows["filename"], strict=True))
         with source.open(video) as stream:
             for index, rgb in read_frames(stream, names):
+                raise_if_stopped()
                 output.write(f"{prefix}/{names[index]}", png_bytes(rgb))
 
     with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -14,6 +14,7 @@ import timm
 import torch
 
 from tasks.errors import ConfigError, CurateError
+from tasks.stop import raise_if_stopped
 from tasks.weights import Weights
 
 # Classifier weights a backbone checkpoint may carry; the embedding model has no head.
@@ -105,6 +106,7 @@ class Embedder:
         out = np.empty((len(images), self.dim), dtype=np.float32)
         use_amp = self.device.type == "cuda"
         for start in range(0, len(images), batch_size):
+            raise_if_stopped()
             batch = torch.from_numpy(images[start : start + batch_size]).to(
                 self.device, non_blocking=True
             )

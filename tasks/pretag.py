@@ -31,6 +31,7 @@ from tasks.keys import artifact_key
 from tasks.models import check_model_name
 from tasks.predictions import predictions_bytes, predictions_frame, read_predictions
 from tasks.shards import CheckedShard
+from tasks.stop import raise_if_stopped
 from tasks.storage import Storage, open_storage
 from tasks.weights import resolve_weights
 
@@ -131,6 +132,7 @@ class Classifier:
         out = np.empty((len(images), len(self.class_names)), dtype=np.float32)
         use_amp = self.device.type == "cuda"
         for start in range(0, len(images), batch_size):
+            raise_if_stopped()
             batch = torch.from_numpy(images[start : start + batch_size]).to(self.device)
             x = (batch.permute(0, 3, 1, 2).float() - self.mean) / self.std
             with torch.autocast(self.device.type, enabled=use_amp):

@@ -29,6 +29,7 @@ from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlparse
 
 from tasks.errors import CurateError
+from tasks.stop import raise_if_stopped
 
 
 @dataclass(frozen=True)
@@ -198,10 +199,12 @@ def _in_order(
     submissions ahead of the consumer (the generator is only advanced when one is due)."""
     pending: deque[tuple[str, Future[Any] | Exception]] = deque()
     for item in submitted:
+        raise_if_stopped()
         pending.append(item)
         if len(pending) >= window:
             yield _outcome(*pending.popleft())
     while pending:
+        raise_if_stopped()
         yield _outcome(*pending.popleft())
 
 

@@ -39,6 +39,7 @@ from tasks.inputs import shard_inputs
 from tasks.keys import artifact_key
 from tasks.models import build_model
 from tasks.shards import CheckedShard
+from tasks.stop import raise_if_stopped
 from tasks.storage import Storage, open_storage
 from tasks.weights import Weights, resolve_weights
 
@@ -351,6 +352,7 @@ def train(
         total = torch.zeros((), device=device)
         seen = 0
         for batch in data.batches(settings.batch_size, rng):
+            raise_if_stopped()
             images = torch.from_numpy(batch).to(device, non_blocking=True)
             images = images.permute(0, 3, 1, 2).float().div_(255)
             with torch.no_grad():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -120,3 +121,41 @@ def azure() -> Iterator[AzureServer]:
     """Azurite's blob service on loopback, for the whole session."""
     with azure_server() as server:
         yield server
+
+
+class Reliability:
+    """What the reliability tests tried, summed over the session (and xdist's workers)
+    into one line at the end: inputs tried, faults injected, crashes, objects lost."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def add(self, **counts: int) -> None:
+        self.counts.update(counts)
+
+
+_reliability = Reliability()
+
+
+@pytest.fixture
+def reliability() -> Reliability:
+    return _reliability
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: the controller prints the line
+        workeroutput["reliability"] = dict(_reliability.counts)
+
+
+def pytest_testnodedown(node: object, error: object) -> None:  # xdist's controller
+    _reliability.counts.update(getattr(node, "workeroutput", {}).get("reliability", {}))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    c = _reliability.counts
+    if c:
+        terminalreporter.write_line(
+            f"reliability: {c['inputs']} hostile inputs tried, {c['faults']} faults "
+            f"injected, {c['crashes']} crashes, {c['lost']} objects lost"
+        )

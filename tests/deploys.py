@@ -43,13 +43,12 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             continue
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """`infra/start-server.sh` on a free loopback port, with its own SQLite database and
-    home; the scheduler loops every 5 s instead of 60 so a test sees its runs soon."""
+def server_env(tmp_path: Path) -> dict[str, str]:
+    """A server's settings: a free loopback port, its own SQLite database and home; the
+    scheduler loops every 5 s instead of 60 so a test sees its runs soon."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env |= {
+    return env | {
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
         "PREFECT_PORT": str(port),
         "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
@@ -59,20 +58,32 @@ def server(tmp_path: Path) -> Iterator[dict[str, str]]:
         "PREFECT": PREFECT,
         "PWD": str(REPO),  # prefect.yaml's pull step: the worker runs this checkout
     }
-    log = (tmp_path / "server.log").open("wb")
+
+
+def start_server(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """`infra/start-server.sh` with `env`, once it serves (its log is appended to)."""
+    start = log_path.stat().st_size if log_path.exists() else 0
     process = subprocess.Popen(
         [str(REPO / "infra/start-server.sh")],
         env=env,
-        stdout=log,
+        stdout=log_path.open("ab"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     deadline = time.monotonic() + 180
-    while "Prefect UI:" not in (tmp_path / "server.log").read_text(errors="replace"):
+    while "Prefect UI:" not in log_path.read_bytes()[start:].decode(errors="replace"):
         if time.monotonic() > deadline or process.poll() is not None:
             stop(process)
-            pytest.fail("infra/start-server.sh did not start: " + tail(tmp_path / "server.log"))
+            pytest.fail("infra/start-server.sh did not start: " + tail(log_path))
         time.sleep(0.5)
+    return process
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A real Prefect server from `infra/start-server.sh`; yields its clients' settings."""
+    env = server_env(tmp_path)
+    process = start_server(env, tmp_path / "server.log")
     try:
         yield env
     finally:

@@ -1,0 +1,208 @@
+"""Faults, as an unattended user meets them: SIGINT (a terminal's Ctrl-C, to the whole
+process group) and SIGTERM at random points of a `curate run`, the Prefect server
+restarted under a deployment run, 20 runs triggered at once on one deployment, 5
+datapools filled in parallel. After each: the process ends within seconds and cleanly, a
+rerun completes, and the datapool holds every object exactly once."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from deploys import (
+    api,
+    deploy,
+    digits,
+    reports,
+    server_env,
+    start_server,
+    stop,
+    tail,
+    wait_for_runs,
+)
+
+from tasks.datapool import load_datapool
+from tasks.storage import open_storage
+
+CURATE = str(Path(sys.executable).parent / "curate")
+SEED = int(os.environ.get("CURATE_FAULT_SEED", "15"))
+
+
+def _run_args(folder: Path, out: Path) -> list[str]:
+    return [
+        CURATE,
+        "run",
+        f"input={folder}",
+        f"output={out}",
+        "stopping_condition.n_samples=6",
+        "shard_size=40",
+        "num_workers=1",
+    ]
+
+
+def _whole(out: Path, keys: set[str]) -> pd.DataFrame:
+    """The datapool holds each of `keys` exactly once (and nothing else); its selection."""
+    pool = load_datapool(open_storage(str(out)))
+    objects = pool.objects["key"]
+    assert objects.is_unique, objects[objects.duplicated()].tolist()
+    assert set(objects) == keys, sorted(keys ^ set(objects))[:10]
+    assert pool.selected["name"].is_unique
+    return pool.selected
+
+
+def _keys(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+@pytest.mark.slow
+def test_sigint_and_sigterm_at_random_points_exit_within_seconds_and_a_rerun_completes(
+    tmp_path, reliability
+) -> None:
+    folder = digits(tmp_path / "in", 200)
+    keys = _keys(folder)
+    started = time.monotonic()
+    baseline = subprocess.run(_run_args(folder, tmp_path / "base"), capture_output=True)
+    duration = time.monotonic() - started
+    assert baseline.returncode == 0, baseline.stderr.decode()[-2000:]
+    expected = set(_whole(tmp_path / "base", keys)["name"])
+
+    rng = random.Random(SEED)
+    points = sorted(rng.uniform(0.5, duration) for _ in range(4))
+    for i, (at, sig) in enumerate(zip(points, [signal.SIGINT, signal.SIGTERM] * 2, strict=True)):
+        out = tmp_path / f"out{i}"
+        run = subprocess.Popen(
+            _run_args(folder, out),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # a terminal: its Ctrl-C reaches the whole group
+        )
+        time.sleep(at)
+        if run.poll() is None:
+            os.killpg(run.pid, sig)
+            sent = time.monotonic()
+            _, err = run.communicate(timeout=60)
+            took = time.monotonic() - sent
+            reliability.add(faults=1)
+            said = err.decode(errors="replace")
+            where = f"{sig.name} at {at:.1f} s of {duration:.1f} s (seed {SEED})"
+            assert run.returncode in (0, 128 + sig), f"{where}: exit {run.returncode}\n{said}"
+            if run.returncode:
+                assert took < 15, f"{where}: the process took {took:.1f} s to end"
+                assert "Traceback" not in said, f"{where}:\n{said}"
+                assert said.strip().splitlines()[-1].startswith("interrupted:"), said
+                assert len(said.strip().splitlines()) <= 3, said
+        else:
+            run.communicate()
+        # Whatever the point, the next run starts at once and completes the datapool.
+        rerun = subprocess.run(_run_args(folder, out), capture_output=True, timeout=600)
+        assert rerun.returncode == 0, rerun.stderr.decode()[-2000:]
+        assert set(_whole(out, keys)["name"]) == expected
+
+
+def _restartable_server(tmp_path: Path) -> tuple[dict[str, str], subprocess.Popen[bytes]]:
+    env = server_env(tmp_path)
+    return env, start_server(env, tmp_path / "server.log")
+
+
+def _pipeline_worker(env: dict[str, str], tmp_path: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [env["PREFECT"], "worker", "start", "--pool", "curate-local"],
+        env=env | {"PREFECT_WORKER_QUERY_SECONDS": "2"},
+        cwd=tmp_path,
+        stdout=(tmp_path / "worker.log").open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _trigger(env: dict[str, str], deployment: str, n: int = 1) -> list[str]:
+    found = api(env, "GET", f"/deployments/name/{deployment}")
+    return [
+        api(env, "POST", f"/deployments/{found['id']}/create_flow_run", {})["id"] for _ in range(n)
+    ]
+
+
+@pytest.mark.slow
+def test_the_server_restarted_under_a_deployment_run_then_a_rerun_completes(
+    tmp_path, reliability
+) -> None:
+    folder, out = digits(tmp_path / "in", 300), tmp_path / "out"
+    env, server = _restartable_server(tmp_path)
+    worker = None
+    try:
+        deploy(env, folder, out)
+        worker = _pipeline_worker(env, tmp_path)
+        (run_id,) = _trigger(env, "curate/full")
+        deadline = time.monotonic() + 300
+        while not any((out / "cache").glob("check*/*")):  # the run is at work
+            assert time.monotonic() < deadline, tail(tmp_path / "worker.log")
+            time.sleep(0.2)
+        stop(server)
+        reliability.add(faults=1)
+        time.sleep(5)
+        server = start_server(env, tmp_path / "server.log")
+        (first,) = wait_for_runs(env, [run_id], timeout=600)
+        # It either resumed and completed, or ended as failed or crashed: never hung.
+        assert first["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED"), first["state"]
+        (second,) = wait_for_runs(env, _trigger(env, "curate/full"), timeout=600)
+        assert second["state"]["type"] == "COMPLETED", tail(tmp_path / "worker.log")
+        _whole(out, _keys(folder))
+    finally:
+        if worker is not None:
+            stop(worker)
+        stop(server)
+
+
+@pytest.mark.slow
+def test_twenty_runs_at_once_on_one_deployment_are_serialised_and_all_complete(
+    server, tmp_path, worker, reliability
+) -> None:
+    folder, out = digits(tmp_path / "in", 60), tmp_path / "out"
+    env = deploy(server, folder, out)
+    run_ids = _trigger(env, "curate/incremental", 20)
+    reliability.add(faults=20)
+    runs = wait_for_runs(env, run_ids, timeout=900)
+    states = [r["state"]["type"] for r in runs]
+    assert states == ["COMPLETED"] * 20, (states, tail(tmp_path / "worker.log"))
+    done = reports(out)
+    assert len(done) >= 20  # the deployment's hourly schedule may have added one
+    spans = sorted((r["started_at"], r["finished_at"]) for r in done)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans
+    assert sorted(r["counts"]["processed"] for r in done) == [0] * (len(done) - 1) + [61]
+    _whole(out, _keys(folder))
+
+
+@pytest.mark.slow
+def test_five_datapools_filled_in_parallel_do_not_interfere(server, tmp_path, reliability) -> None:
+    # Five inputs overlapping in content (the same digits, other names and subsets), one
+    # server, five outputs, all at once.
+    folders = []
+    for i in range(5):
+        folder = digits(tmp_path / f"in{i}", 30 + 10 * i)
+        for path in folder.iterdir():
+            path.rename(path.with_name(f"p{i}_{path.name}"))
+        folders.append(folder)
+    runs = [
+        subprocess.Popen(
+            _run_args(folder, tmp_path / f"out{i}"),
+            env=server,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for i, folder in enumerate(folders)
+    ]
+    for run in runs:
+        _, err = run.communicate(timeout=900)
+        assert run.returncode == 0, err.decode()[-2000:]
+    reliability.add(faults=5)
+    for i, folder in enumerate(folders):
+        _whole(tmp_path / f"out{i}", _keys(folder))
+        (report,) = reports(tmp_path / f"out{i}")
+        assert report["counts"]["processed"] == 31 + 10 * i
