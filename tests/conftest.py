@@ -157,5 +157,5 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if c:
         terminalreporter.write_line(
             f"reliability: {c['inputs']} hostile inputs tried, {c['faults']} faults "
-            f"injected, {c['crashes']} crashes, {c['lost']} objects lost"
+            f"injected, {c['crashes']} crashes, {c['lost']} objects lost, {c['doubled']} doubled"
         )
