@@ -1,7 +1,7 @@
 """Faults, as an unattended user meets them: SIGINT (a terminal's Ctrl-C, to the whole
 process group) and SIGTERM at random points of a `curate run`, 20 runs triggered at once
-on one deployment, 5 datapools filled in parallel. After each: the process ends within seconds and cleanly, a
-rerun completes, and the datapool holds every object exactly once."""
+on one deployment, 5 datapools filled in parallel. After each: the process ends within
+seconds and cleanly, a rerun completes, and the datapool holds every object exactly once."""
 
 from __future__ import annotations
 
