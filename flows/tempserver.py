@@ -15,11 +15,14 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import prefect
 from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+from tasks.errors import CurateError
 
 
 @contextmanager
@@ -29,16 +32,27 @@ def prefect_api() -> Iterator[None]:
         yield
         return
     server = DetachedServer()
-    server.start()  # stopped by Prefect's exit hook, after its services have flushed
+    try:
+        server.start()  # stopped by Prefect's exit hook, after its services have flushed
+    except RuntimeError as exc:  # it did not answer in time
+        server.stop()
+        raise CurateError(
+            f"the temporary Prefect server did not start ({exc}; its log: {_log()}); "
+            "start one (infra/start-server.sh) and set PREFECT_API_URL"
+        ) from None
     with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
         yield
+
+
+def _log() -> Path:
+    return get_current_settings().home / "temporary-server.log"
 
 
 class DetachedServer(SubprocessASGIServer):
     def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
         # Prefect's own command line (prefect/server/api/server.py), in a new session;
         # what it prints at its end (cancelled services) goes to a log, not the terminal.
-        log = get_current_settings().home / "temporary-server.log"
+        log = _log()
         log.parent.mkdir(parents=True, exist_ok=True)
         return subprocess.Popen(
             [
