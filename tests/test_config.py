@@ -1,5 +1,6 @@
 """The config edge: unknown keys, bad values and overrides all fail with the dotted key."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -283,3 +284,15 @@ def test_an_unknown_model_is_a_config_error_naming_the_key() -> None:
     with pytest.raises(ConfigError, match=r"^pretagging.model: unknown timm model"):
         check_model_name("vit_smal", "pretagging.model")
     check_model_name("resnet50.a1_in1k")  # a pretrained tag is fine
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("[1]", "selection.strategies[0]: expected a mapping {input: ..., strategy: ...}"),
+        ("[{input: 1, strategy: {type: DIVERSITY}}]", "selection.strategies[0].input: expected"),
+    ],
+)
+def test_a_value_where_a_strategy_mapping_goes_is_named(value: str, message: str) -> None:
+    with pytest.raises(CurateError, match=rf"^config: {re.escape(message)}"):
+        load("stopping_condition.n_samples=5", f"selection.strategies={value}")
