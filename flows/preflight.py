@@ -49,7 +49,7 @@ def preflight(config: CurateConfig) -> None:
     apply_credentials(config.storage.credentials_secret)
     try:
         output = open_storage(config.output)
-        output.exists("LATEST")
+        output.probe()
     except CurateError as exc:
         raise CurateError(f"output: {exc}") from None
     try:
