@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import os
 import signal
@@ -47,6 +49,16 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 def server(tmp_path: Path) -> Iterator[dict[str, str]]:
     """`infra/start-server.sh` on a free loopback port, with its own SQLite database and
     home; the scheduler loops every 5 s instead of 60 so a test sees its runs soon."""
+    with start_server(tmp_path) as env:
+        yield env
+
+
+@contextlib.contextmanager
+def start_server(
+    tmp_path: Path, extra: dict[str, str] | None = None, without: tuple[str, ...] = ()
+) -> Iterator[dict[str, str]]:
+    """The `server` fixture's server, with `extra` environment for the script (e.g. an
+    auth string) and `without` some; yields the environment its clients use."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env |= {
@@ -58,7 +70,8 @@ def server(tmp_path: Path) -> Iterator[dict[str, str]]:
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
         "PREFECT": PREFECT,
         "PWD": str(REPO),  # prefect.yaml's pull step: the worker runs this checkout
-    }
+    } | (extra or {})
+    env = {k: v for k, v in env.items() if k not in without}
     log = (tmp_path / "server.log").open("wb")
     process = subprocess.Popen(
         [str(REPO / "infra/start-server.sh")],
@@ -100,11 +113,12 @@ def api(env: dict[str, str], method: str, path: str, body: object | None = None)
     the server answers it while SQLite is locked by another writer (a worker, the CLI);
     so is a read that timed out on a loaded machine (reads change nothing)."""
     data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if env.get("PREFECT_API_AUTH_STRING"):  # as Prefect's client does
+        token = base64.b64encode(env["PREFECT_API_AUTH_STRING"].encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
     request = urllib.request.Request(
-        env["PREFECT_API_URL"] + path,
-        data=data,
-        method=method,
-        headers={"Content-Type": "application/json"},
+        env["PREFECT_API_URL"] + path, data=data, method=method, headers=headers
     )
     for attempt in range(6):
         try:

@@ -14,6 +14,7 @@ import re
 import secrets
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -135,6 +136,7 @@ def _download(azure: AzureServer, container: str, to: Path) -> Path:
     return to
 
 
+@pytest.mark.slow
 def test_a_run_from_s3_to_azure_writes_no_credential_anywhere(planted, s3, azure_account, tmp_path):
     home = tmp_path / "prefect-home"
     env = _env(planted, s3, azure_account, home)
@@ -298,3 +300,129 @@ def test_a_foreign_error_becomes_one_line_without_its_credentials(monkeypatch):
     )
     assert redact("key wJalrXUtnFEMIK7MDENGbPxRfiCY in a dump") == "key *** in a dump"
     assert redact("Authorization: AWS4-HMAC-SHA256 Credential=x") == "Authorization: ***"
+
+
+# The server's exposure: loopback by default, basic auth when opened, no telemetry.
+
+START_SERVER = Path(__file__).resolve().parents[1] / "infra/start-server.sh"
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """The local addresses (IPv4, as dotted quads) that listen on `port`, from
+    /proc/net/tcp: what the kernel says, not what the script intends."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            found.add(".".join(str(b) for b in reversed(bytes.fromhex(address))))
+    return found
+
+
+def _get(env: dict[str, str], path: str, auth: str | None) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(env["PREFECT_API_URL"] + path)
+    if auth is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def test_start_server_refuses_an_open_address_without_an_auth_string(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"CURATE_SERVER_HOST": "0.0.0.0", "PREFECT": "/bin/false", "PREFECT_HOME": str(tmp_path)}
+    result = subprocess.run([str(START_SERVER)], env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "set PREFECT_SERVER_API_AUTH_STRING=user:password" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_server_with_basic_auth_serves_only_its_clients_on_loopback_and_phones_no_home(
+    tmp_path,
+):
+    from deploys import api, start_server, stop
+
+    auth = "curate:" + secrets.token_hex(12)
+    extra = {"PREFECT_SERVER_API_AUTH_STRING": auth}
+    # Whatever the caller's environment says about telemetry, the script's defaults hold.
+    without = ("PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK")
+    with start_server(tmp_path, extra, without) as env:
+        port = int(env["PREFECT_PORT"])
+        assert _listening_addresses(port) == {"127.0.0.1"}
+        for who in (None, "curate:wrong", auth.upper()):
+            status, _ = _get(env, "/admin/settings", who)
+            assert status == 401, who
+        status, body = _get(env, "/admin/settings", auth)
+        assert status == 200
+        settings = json.loads(body)
+        assert settings["server"]["analytics_enabled"] is False
+        assert settings["server"]["ui"]["show_promotional_content"] is False
+
+        client = env | {"PREFECT_API_AUTH_STRING": auth}
+        ping = "from prefect import flow; print(flow(name='ping')(lambda: 'pong')())"
+        run = [sys.executable, "-c", ping]
+        refused = subprocess.run(run, env=env, capture_output=True, text=True, timeout=300)
+        assert refused.returncode != 0 and "401" in refused.stdout + refused.stderr
+        served = subprocess.run(run, env=client, capture_output=True, text=True, timeout=300)
+        assert served.returncode == 0 and "pong" in served.stdout, served.stderr[-2000:]
+
+        # A worker started as the README says registers with the server.
+        logs = tmp_path / "worker-logs"
+        workers = subprocess.Popen(
+            [str(START_SERVER.with_name("start-workers.sh")), "curate-local", "1"],
+            env=client | {"CURATE_WORKER_LOGS": str(logs)},
+            start_new_session=True,
+        )
+        try:
+            registered: list = []
+            for _ in range(120):
+                registered = api(client, "POST", "/work_pools/curate-local/workers/filter", {})
+                if registered:
+                    break
+                time.sleep(1)
+            assert registered, (logs / "curate-local-0.log").read_text(errors="replace")
+        finally:
+            stop(workers)
+
+
+@pytest.mark.slow
+def test_the_cli_and_its_temporary_server_send_no_telemetry(tmp_path):
+    """Without any setting of the user's, `curate` turns telemetry off for itself and for
+    the temporary Prefect server it starts (asked through the server's own API)."""
+    code = """
+import json, os, urllib.request
+import flows.cli  # what `curate` imports first
+from prefect._internal.analytics import is_telemetry_enabled
+from prefect.server.api.server import SubprocessASGIServer
+server = SubprocessASGIServer()
+server.start(timeout=120)
+try:
+    with urllib.request.urlopen(server.api_url + "/admin/settings", timeout=30) as response:
+        settings = json.load(response)
+    environ = open(f"/proc/{server.server_process.pid}/environ", "rb").read().split(b"\\0")
+finally:
+    server.stop()
+print(json.dumps({
+    "server_analytics": settings["server"]["analytics_enabled"],
+    "sdk_telemetry": is_telemetry_enabled(),
+    "server_env": dict(e.decode().lower().split("=", 1) for e in environ if b"=" in e),
+}))
+"""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PREFECT_API_URL", "PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK")
+    } | {"PREFECT_HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (found["server_analytics"], found["sdk_telemetry"]) == (False, False)
+    assert found["server_env"]["do_not_track"] == "1"
+    assert found["server_env"]["prefect_server_analytics_enabled"] == "false"
