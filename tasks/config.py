@@ -10,6 +10,7 @@ import difflib
 import inspect
 import json
 import re
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -648,8 +649,37 @@ def load_config(path: str | Path | None, overrides: list[str]) -> CurateConfig:
             value = yaml.safe_load(raw) if raw else None
         except yaml.YAMLError:
             value = raw
-        set_dotted(data, key.strip(), value)
+        set_dotted(data, key.strip(), _as_text_if_meant(key, raw, value))
     return parse_config(data)
+
+
+def _as_text_if_meant(key: str, raw: str, value: Any) -> Any:
+    """The raw text where the key takes text and YAML read something the key does not
+    take: `input=2024`, `input=~` (the home folder), `output=#1`, `...secret=-`."""
+    options = _leaf_types(key)
+    if str not in options or isinstance(value, str) or not raw:
+        return value
+    if value is None:  # `null` means unset where that is allowed; `#x` was no null
+        explicit = raw.strip() in ("~", "null", "Null", "NULL")
+        return None if explicit and type(None) in options else raw
+    taken = {typing.get_origin(option) or option for option in options}
+    return value if type(value) in taken else raw
+
+
+def _leaf_types(key: str) -> tuple[Any, ...]:
+    """The types (a union's members) the leaf at dotted `key` takes; () if none."""
+    model: type[BaseModel] = CurateConfig
+    *sections, leaf = key.strip().split(".")
+    for section in sections:
+        field = model.model_fields.get(section)
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ()
+        model = annotation
+    field = model.model_fields.get(leaf)
+    if field is None:
+        return ()
+    return typing.get_args(field.annotation) or (field.annotation,)
 
 
 # A config file is a few KB; more is the wrong file (a device, a dataset).

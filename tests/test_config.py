@@ -296,3 +296,22 @@ def test_an_unknown_model_is_a_config_error_naming_the_key() -> None:
 def test_a_value_where_a_strategy_mapping_goes_is_named(value: str, message: str) -> None:
     with pytest.raises(CurateError, match=rf"^config: {re.escape(message)}"):
         load("stopping_condition.n_samples=5", f"selection.strategies={value}")
+
+
+def test_a_name_that_yaml_reads_as_a_number_stays_text() -> None:
+    config = load_config(
+        None,
+        [
+            "input=2024",
+            "output=~",
+            "stopping_condition.n_samples=3",
+            "seed=0x10",
+            "storage.credentials_secret=-",
+            "embedding.checkpoint=null",
+            "pretagging.class_names=[cat, dog]",
+        ],
+    )
+    assert (config.input, config.output, config.seed) == ("2024", "~", 16)
+    assert config.storage.credentials_secret == "-"
+    assert config.embedding.checkpoint is None
+    assert config.pretagging.class_names == ["cat", "dog"]
