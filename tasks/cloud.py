@@ -468,7 +468,10 @@ class AzureStorage(_FsspecStorage):
         pages = sync(self.fs.loop, self._pages, self._list_prefix(prefix))
         while True:
             try:
-                blobs = self._retrying(lambda: sync(self.fs.loop, _next_page, pages), self.url)
+                blobs = self._retrying(
+                    lambda: self._guard(lambda: sync(self.fs.loop, _next_page, pages), None),
+                    self.url,
+                )
             except FileNotFoundError:
                 raise CurateError(f"az://{self.bucket}: no such container") from None
             if blobs is None:
