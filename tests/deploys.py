@@ -80,7 +80,7 @@ def start_server(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300  # minutes on a loaded two-core machine
     while "Prefect UI:" not in (tmp_path / "server.log").read_text(errors="replace"):
         if time.monotonic() > deadline or process.poll() is not None:
             stop(process)
