@@ -16,10 +16,11 @@ import sys
 import textwrap
 from importlib.metadata import version
 
-# Private defaults, before Prefect reads its settings: no analytics; the console shows
-# warnings and errors only (this CLI prints its own summary), the Prefect API (the UI)
-# still gets every INFO line.
+# Private defaults, before Prefect reads its settings: nothing phones home (the temporary
+# server's telemetry, the SDK's usage events); the console shows warnings and errors only
+# (this CLI prints its own summary), the Prefect API (the UI) still gets every INFO line.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
 # Without a server, a run starts a temporary one; on a busy small machine that takes longer
 # than Prefect's 20 s default.

@@ -25,6 +25,7 @@ import json
 import logging
 import platform
 import time
+import traceback
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -53,7 +54,7 @@ from tasks.datapool import (
     run_outcome,
 )
 from tasks.discover import Discovery
-from tasks.errors import CurateError
+from tasks.errors import CurateError, redact
 from tasks.export import Exported, RunSummary, export, point_latest, write_report
 from tasks.formats import npy_bytes, read_npy, to_parquet_bytes
 from tasks.keys import PIPELINE_VERSION, artifact_key
@@ -162,11 +163,14 @@ def curate(**sections: Any) -> str:
     except Exception as exc:
         # A failed run's state carries its error in memory only: Prefect would pickle a
         # raised exception (paths, messages) into its local result storage.
+        # Both go to the Prefect server (logs, the state's message): credentials redacted.
         if isinstance(exc, CurateError):  # one line; the CLI prints it itself
-            logger.error("%s", exc, extra={"curate_user_error": True})
+            logger.error("%s", redact(str(exc)), extra={"curate_user_error": True})
         else:
-            logger.exception("curate run failed")
-        return Failed(message=f"{type(exc).__name__}: {exc}", data=exc)  # type: ignore[return-value]
+            trace = "".join(traceback.format_exception(exc))
+            logger.error("curate run failed\n%s", redact(trace))
+        message = redact(f"{type(exc).__name__}: {exc}")
+        return Failed(message=message, data=exc)  # type: ignore[return-value]
 
 
 def _locked(sections: dict[str, Any], logger: Any) -> str:

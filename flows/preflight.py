@@ -13,7 +13,7 @@ from tasks.discover import load_patterns
 from tasks.errors import CurateError
 from tasks.naming import is_sample_source
 from tasks.storage import open_storage
-from tasks.weights import resolve_weights
+from tasks.weights import check_model_name, resolve_weights
 
 # Environment variables a credentials secret may set: the cloud clients' own.
 CREDENTIAL_PREFIXES = ("AWS_", "AZURE_", "GOOGLE_", "GCS", "STORAGE_EMULATOR_HOST")
@@ -49,7 +49,7 @@ def preflight(config: CurateConfig) -> None:
     apply_credentials(config.storage.credentials_secret)
     try:
         output = open_storage(config.output)
-        output.exists("LATEST")
+        output.probe()
     except CurateError as exc:
         raise CurateError(f"output: {exc}") from None
     try:
@@ -62,4 +62,7 @@ def preflight(config: CurateConfig) -> None:
     if config.datasource.relevant_filenames_file:
         load_patterns(config.datasource.relevant_filenames_file, source, output)
     emb = config.embedding
+    check_model_name(emb.model)
+    if config.pretagging.model:
+        check_model_name(config.pretagging.model, "pretagging.model")
     resolve_weights(emb.checkpoint, emb.pretrained, config.seed)

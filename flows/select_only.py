@@ -41,17 +41,12 @@ def load_embeddings(path: str, names_file: str | None) -> tuple[list[str], np.nd
     if not file.is_file():
         raise CurateError(f"embeddings={path}: no such file")
     if file.suffix == ".csv":
-        import pandas as pd
+        from tasks.formats import read_embedding_csv
 
-        table = pd.read_csv(file)
-        columns = [c for c in table.columns if c.startswith("embedding_")]
-        if "filenames" not in table.columns or not columns:
-            raise CurateError(
-                f"embeddings={path}: expected Lightly's embeddings.csv "
-                "(filenames,embedding_0,...,labels)"
-            )
-        names = table["filenames"].astype(str).tolist()
-        vectors = table[columns].to_numpy(np.float32)
+        try:
+            names, vectors = read_embedding_csv(file.read_bytes())
+        except ValueError as exc:
+            raise CurateError(f"embeddings={path}: {exc}") from None
     elif file.suffix == ".npy":
         try:
             vectors = np.load(file, mmap_mode="r", allow_pickle=False)

@@ -16,7 +16,7 @@ limit="${CURATE_RUNS_PER_WORKER:-1}"
 : "${PREFECT_API_URL:?set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)}"
 # Flow runs send a heartbeat every 30 s: the pipeline tells a lost child by them.
 export PREFECT_FLOWS_HEARTBEAT_FREQUENCY="${PREFECT_FLOWS_HEARTBEAT_FREQUENCY:-30}"
-export PREFECT_SERVER_ANALYTICS_ENABLED=false
+export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1  # no telemetry, no SDK analytics
 
 devices=()
 if [[ -n "${CURATE_GPUS:-}" ]]; then

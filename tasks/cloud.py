@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
-from tasks.errors import CurateError
+from tasks.errors import CurateError, foreign
 from tasks.storage import ObjectInfo, Storage, open_ranges
 
 # Remote reads are latency-bound: many in flight hide the round trips.
@@ -69,6 +69,10 @@ class _BucketStorage(Storage):
 
     def open(self, key: str) -> BinaryIO:
         return open_ranges(self, key, self._size(key))
+
+    def probe(self) -> None:
+        # A listing, not a lookup: a lookup in a missing bucket or container is just False.
+        next(iter(self.list("LATEST")), None)
 
     def _size(self, key: str) -> int:
         raise NotImplementedError
@@ -175,7 +179,7 @@ class S3Storage(_BucketStorage):
                 return CurateError(f"{where}: access denied ({code}); check the credentials")
         if self.is_transient(exc):
             return exc  # retried by the caller, or reported as unreachable
-        return CurateError(f"{where}: {type(exc).__name__}: {str(exc)[:200]}")
+        return CurateError(f"{where}: {foreign(exc)}")
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         token: dict[str, Any] = {}  # boto3 keyword arguments of the next page
@@ -351,7 +355,9 @@ class _FsspecStorage(_BucketStorage):
             where = self.join(key) if key else self.url
             if isinstance(exc, PermissionError) or _status(exc) in (401, 403):
                 raise CurateError(f"{where}: access denied; check the credentials") from None
-            raise CurateError(f"{where}: {type(exc).__name__}: {str(exc)[:200]}") from None
+            if getattr(exc, "error_code", None) == "ContainerNotFound":  # Azure
+                raise CurateError(f"az://{self.bucket}: no such container") from None
+            raise CurateError(f"{where}: {foreign(exc)}") from None
 
     def is_transient(self, exc: BaseException) -> bool:
         import aiohttp
@@ -448,7 +454,13 @@ class AzureStorage(_FsspecStorage):
                 f"{url}: no Azure credentials (set AZURE_STORAGE_CONNECTION_STRING, or "
                 "AZURE_STORAGE_ACCOUNT_NAME with a key, SAS token or Azure login)"
             )
-        self.fs = adlfs.AzureBlobFileSystem(**options)
+        try:
+            self.fs = adlfs.AzureBlobFileSystem(**options)
+        except ValueError as exc:  # a malformed connection string: never repeated
+            raise CurateError(
+                f"{url}: the Azure credentials do not parse ({foreign(exc, 120)}); check "
+                "AZURE_STORAGE_CONNECTION_STRING or AZURE_STORAGE_ACCOUNT_NAME"
+            ) from None
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         from fsspec.asyn import sync
@@ -456,7 +468,10 @@ class AzureStorage(_FsspecStorage):
         pages = sync(self.fs.loop, self._pages, self._list_prefix(prefix))
         while True:
             try:
-                blobs = self._retrying(lambda: sync(self.fs.loop, _next_page, pages), self.url)
+                blobs = self._retrying(
+                    lambda: self._guard(lambda: sync(self.fs.loop, _next_page, pages), None),
+                    self.url,
+                )
             except FileNotFoundError:
                 raise CurateError(f"az://{self.bucket}: no such container") from None
             if blobs is None:

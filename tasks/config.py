@@ -9,6 +9,8 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
+import re
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -74,6 +76,18 @@ class StorageSettings(_Section):
         "AZURE_STORAGE_CONNECTION_STRING, GOOGLE_APPLICATION_CREDENTIALS): how a deployment "
         "gets credentials without putting them in its parameters.",
     )
+
+    @field_validator("credentials_secret")
+    @classmethod
+    def _block_name(cls, value: str | None) -> str | None:
+        # Prefect's rule for block names; a pasted key or connection string breaks it.
+        # The message never repeats the value: it may be the secret itself.
+        if value is not None and not re.fullmatch(r"[a-z0-9-]+", value):
+            raise ValueError(
+                "expected the name of a Prefect Secret block (lowercase letters, digits, "
+                "dashes), not the credentials themselves"
+            )
+        return value
 
 
 class CorruptnessCheck(_Section):
@@ -511,8 +525,11 @@ def _unknown_keys(data: dict[str, Any], model: type[BaseModel], prefix: str = ""
         key = prefix + str(name)
         field = model.model_fields.get(str(name))
         if field is None:
-            # Name the whole dotted key the user wrote, for a better suggestion.
-            while isinstance(value, dict) and len(value) == 1:
+            # Name the whole dotted key the user wrote, for a better suggestion (a few
+            # levels: a YAML alias can make a mapping that contains itself).
+            for _ in range(8):
+                if not (isinstance(value, dict) and len(value) == 1):
+                    break
                 ((child, value),) = value.items()
                 key += f".{child}"
             unknown.append(key)
@@ -532,20 +549,73 @@ def _did_you_mean(key: str) -> str:
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
+# Credentials written into a value: `scheme://user:password@host`, a connection string's
+# key, a URL's signature or token parameter (an Azure SAS, a presigned S3 URL).
+_INLINE_CREDENTIAL = re.compile(
+    r"^[a-z][a-z0-9+.-]*://[^/?#]*@"
+    r"|(AccountKey|SharedAccessSignature|SharedAccessKey)="
+    r"|[?&](sig|signature|x-amz-signature|x-amz-security-token|x-amz-credential|token|"
+    r"access_token|sas_token|account_key|password|secret)=",
+    re.IGNORECASE,
+)
+CREDENTIALS_HINT = (
+    "credentials come from the environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+    "AZURE_STORAGE_CONNECTION_STRING, GOOGLE_APPLICATION_CREDENTIALS, ...) or from a "
+    "Prefect Secret block named by storage.credentials_secret"
+)
+
+
+def _inline_credentials(data: Any, prefix: str = "", depth: int = 0) -> str | None:
+    """The dotted key of the first string value that carries credentials, if any."""
+    if depth > 16:  # deeper than any key: a YAML alias that contains itself
+        return None
+    if isinstance(data, BaseModel):  # a section as the flow receives it
+        data = data.model_dump()
+    if isinstance(data, dict):
+        items: Iterator[tuple[str, Any]] = ((f"{prefix}{k}", v) for k, v in data.items())
+    elif isinstance(data, list):
+        items = ((f"{prefix.removesuffix('.')}[{i}]", v) for i, v in enumerate(data))
+    else:
+        return None
+    for key, value in items:
+        if isinstance(value, str) and _INLINE_CREDENTIAL.search(value):
+            return key
+        nested = isinstance(value, dict | list | BaseModel)
+        found = _inline_credentials(value, key + ".", depth + 1) if nested else None
+        if found:
+            return found
+    return None
+
+
+def _message(err: Any) -> str:
+    """pydantic's message for one error, in the config's words."""
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "missing":
+        return "required, e.g. " + ("input=./photos" if key == "input" else f"{key}=...")
+    if err["type"] == "model_type":  # a value where a section goes
+        return f"is a section, not a value: set its keys, e.g. {key}.KEY=VALUE"
+    if err["type"].endswith("_type") and err.get("input") is None:
+        return "needs a value"  # `key=` on the command line, `key:` in YAML
+    return str(err["msg"]).removeprefix("Value error, ")
+
+
 def parse_config(data: dict[str, Any]) -> CurateConfig:
     """Validate a nested dict; raise CurateError naming the first bad key."""
     unknown = _unknown_keys(data, CurateConfig)
     if unknown:
         raise ConfigError(f"config: unknown key '{unknown[0]}'{_did_you_mean(unknown[0])}")
+    inline = _inline_credentials(data)
+    if inline:  # the value itself is never repeated: it may be a secret
+        raise ConfigError(f"config: {inline}: holds credentials; {CREDENTIALS_HINT}")
     try:
         return CurateConfig.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "missing":
-            message = "required, e.g. " + ("input=./photos" if key == "input" else f"{key}=...")
+        message = _message(err)
         raise ConfigError(f"config: {key}: {message}" if key else f"config: {message}") from None
+    except RecursionError:  # a YAML alias that contains itself
+        raise ConfigError("config: a value refers to itself (a YAML alias loop)") from None
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -564,14 +634,12 @@ def load_config(path: str | Path | None, overrides: list[str]) -> CurateConfig:
     """A YAML file (optional) plus `key=value` overrides, validated."""
     data: dict[str, Any] = {}
     if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except OSError as exc:
-            raise ConfigError(f"config file {path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path}: not valid YAML ({exc})") from None
+        loaded = read_yaml(path)
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: expected a mapping of keys")
+            raise ConfigError(
+                f"config file {path}: expected a mapping of keys (key: value lines), "
+                f"found a {_yaml_kind(loaded)}"
+            )
         data = loaded or {}
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -581,5 +649,86 @@ def load_config(path: str | Path | None, overrides: list[str]) -> CurateConfig:
             value = yaml.safe_load(raw) if raw else None
         except yaml.YAMLError:
             value = raw
-        set_dotted(data, key.strip(), value)
+        set_dotted(data, key.strip(), _as_text_if_meant(key, raw, value))
     return parse_config(data)
+
+
+def _as_text_if_meant(key: str, raw: str, value: Any) -> Any:
+    """The raw text where the key takes text and YAML read something the key does not
+    take: `input=2024`, `input=~` (the home folder), `output=#1`, `...secret=-`."""
+    options = _leaf_types(key)
+    if str not in options or isinstance(value, str) or not raw:
+        return value
+    if value is None:  # `null` means unset where that is allowed; `#x` was no null
+        explicit = raw.strip() in ("~", "null", "Null", "NULL")
+        return None if explicit and type(None) in options else raw
+    taken = {typing.get_origin(option) or option for option in options}
+    return value if type(value) in taken else raw
+
+
+def _leaf_types(key: str) -> tuple[Any, ...]:
+    """The types (a union's members) the leaf at dotted `key` takes; () if none."""
+    model: type[BaseModel] = CurateConfig
+    *sections, leaf = key.strip().split(".")
+    for section in sections:
+        field = model.model_fields.get(section)
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ()
+        model = annotation
+    field = model.model_fields.get(leaf)
+    if field is None:
+        return ()
+    return typing.get_args(field.annotation) or (field.annotation,)
+
+
+# A config file is a few KB; more is the wrong file (a device, a dataset).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's content; every failure is one line naming the file (and the line)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path}: larger than {MAX_CONFIG_BYTES >> 20} MiB")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path}: not a text file (invalid UTF-8 at byte {exc.start})"
+        ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        raise ConfigError(f"config file {path}{_yaml_error(exc)}") from None
+    except yaml.YAMLError as exc:  # a reader error: a control character, no line
+        detail = getattr(exc, "reason", None) or type(exc).__name__
+        position = getattr(exc, "position", None)
+        at = f" at character {position}" if position is not None else ""
+        raise ConfigError(f"config file {path}: not valid YAML ({detail}{at})") from None
+    except RecursionError:  # nesting thousands deep
+        raise ConfigError(f"config file {path}: nested too deeply") from None
+
+
+def _yaml_error(exc: yaml.MarkedYAMLError) -> str:
+    """`, line 3, column 1: not valid YAML (...)` with PyYAML's own words, in one line:
+    where the problem is, and where the construct it broke began."""
+
+    def at(mark: Any) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    mark = exc.problem_mark or exc.context_mark
+    problem = " ".join(str(exc.problem or "").split())
+    if exc.context and exc.context_mark and exc.context_mark is not mark:
+        problem += f"; {exc.context} from {at(exc.context_mark)}"
+    return f", {at(mark)}: not valid YAML ({problem})" if mark else f": not valid YAML ({problem})"
+
+
+def _yaml_kind(value: Any) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(
+        type(value), type(value).__name__
+    )

@@ -11,6 +11,7 @@ its own: it holds thousands of samples (its frames), and its check decodes it st
 from __future__ import annotations
 
 import fnmatch
+import glob
 import hashlib
 import time
 from collections import deque
@@ -29,16 +30,26 @@ MAX_SHARD_FACTOR = 4
 
 
 def parse_patterns(text: str) -> list[tuple[bool, str]]:
-    """`relevant_filenames_file` lines: (include?, glob). Blank lines and `#` are ignored."""
+    """`relevant_filenames_file` lines: (include?, glob). Blank lines and `#` are ignored;
+    as in gitignore, `\\#` and `\\!` start a pattern with a literal `#` or `!`."""
     patterns = []
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
+        if line.startswith(("\\#", "\\!")):
+            patterns.append((True, line[1:]))
+            continue
         include = not line.startswith("!")
         pattern = line.lstrip("!").strip().lstrip("/")
         patterns.append((include, pattern))
     return patterns
+
+
+def pattern_for(key: str) -> str:
+    """A line of a relevant-filenames file that matches exactly `key`."""
+    line = glob.escape(key)
+    return "\\" + line if line.startswith(("#", "!")) else line
 
 
 def is_relevant(key: str, patterns: list[tuple[bool, str]]) -> bool:

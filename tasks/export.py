@@ -7,19 +7,24 @@ a reader that follows it always finds a finished run.
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
 from tasks.describe import METADATA_SCHEMA, metadata_frame
-from tasks.formats import csv_field, read_npy, read_parquet_bytes, text_lines, to_parquet_bytes
+from tasks.formats import (
+    embedding_csv_header,
+    embedding_csv_rows,
+    read_npy,
+    read_parquet_bytes,
+    text_lines,
+    to_parquet_bytes,
+)
 from tasks.shards import CheckedShard, EmbeddedShard, StepStats
 from tasks.storage import Storage, open_storage
 
@@ -72,18 +77,13 @@ def _embedding_rows(
         names = read_parquet_bytes(storage.read(check.metadata))["filename"].tolist()
         vectors = read_npy(storage, embed.embeddings)
         if not header_written:
-            columns = ",".join(f"embedding_{i}" for i in range(vectors.shape[1]))
-            yield f"filenames,{columns},labels\n".encode()
+            yield embedding_csv_header(vectors.shape[1]).encode()
             header_written = True
         keep = [i for i, name in enumerate(names) if name not in duplicates]
         # In blocks: a video's shard can hold 100,000 frames, ~5 KB of text each.
         for start in range(0, len(keep), CSV_BLOCK):
             block = keep[start : start + CSV_BLOCK]
-            numbers = io.StringIO()
-            np.savetxt(numbers, vectors[block], fmt="%.7g", delimiter=",")  # C-speed
-            rows = numbers.getvalue().splitlines()
-            lines = (f"{csv_field(names[i])},{row},0\n" for i, row in zip(block, rows, strict=True))
-            yield "".join(lines).encode()
+            yield embedding_csv_rows([names[i] for i in block], vectors[block]).encode()
 
 
 CSV_BLOCK = 1000  # rows formatted at a time

@@ -58,3 +58,39 @@ def csv_field(name: str) -> str:
 def text_lines(names: list[str]) -> bytes:
     """A list of names, one a line (`filenames/*.txt`)."""
     return "".join(f"{name}\n" for name in names).encode()
+
+
+# embeddings.csv (Lightly's format): `filenames,embedding_0,...,embedding_{d-1},labels`.
+# Nine significant digits: the fewest that give every float32 back exactly.
+EMBEDDING_FORMAT = "%.9g"
+
+
+def embedding_csv_header(dim: int) -> str:
+    return "filenames," + "".join(f"embedding_{i}," for i in range(dim)) + "labels\n"
+
+
+def embedding_csv_rows(names: list[str], vectors: np.ndarray) -> str:
+    """Rows of embeddings.csv, one per name (labels are 0: we have none)."""
+    numbers = io.StringIO()
+    np.savetxt(numbers, vectors, fmt=EMBEDDING_FORMAT, delimiter=",")  # C speed
+    rows = numbers.getvalue().splitlines()
+    return "".join(f"{csv_field(name)},{row},0\n" for name, row in zip(names, rows, strict=True))
+
+
+def embedding_csv(names: list[str], vectors: np.ndarray) -> str:
+    """A whole embeddings.csv (small ones; `tasks.export` streams big ones in blocks)."""
+    return embedding_csv_header(vectors.shape[1]) + embedding_csv_rows(names, vectors)
+
+
+def read_embedding_csv(data: bytes) -> tuple[list[str], np.ndarray]:
+    """Names and float32 rows of an embeddings.csv; a ValueError when it is not one.
+    Names are read as written: `01`, `nan` or `NA` stay text."""
+    import pandas as pd
+
+    table = pd.read_csv(
+        io.BytesIO(data), dtype={"filenames": str}, keep_default_na=False, na_values=[]
+    )
+    columns = [c for c in table.columns if str(c).startswith("embedding_")]
+    if "filenames" not in table.columns or not columns:
+        raise ValueError("expected Lightly's embeddings.csv (filenames,embedding_0,...,labels)")
+    return table["filenames"].tolist(), table[columns].to_numpy(np.float64).astype(np.float32)

@@ -4,7 +4,6 @@ checkpoint or seeded random), and a per-process cache of embedders.
 
 from __future__ import annotations
 
-import difflib
 import threading
 from pathlib import Path
 from typing import Any
@@ -13,9 +12,11 @@ import numpy as np
 import timm
 import torch
 
-from tasks.errors import ConfigError, CurateError
+from tasks.errors import CurateError
 from tasks.stop import raise_if_stopped
-from tasks.weights import Weights
+
+# check_model_name lives with the weights (no torch there: the CLI checks at once).
+from tasks.weights import Weights, check_model_name
 
 # Classifier weights a backbone checkpoint may carry; the embedding model has no head.
 _HEAD_PREFIXES = ("fc.", "head.", "classifier.", "head.fc.", "last_linear.")
@@ -55,13 +56,6 @@ def _load_checkpoint(model: torch.nn.Module, name: str, checkpoint: str) -> None
             f"{len(result.missing_keys)} weights missing, {len(result.unexpected_keys)} "
             f"unexpected (e.g. {problems[0]})"
         )
-
-
-def check_model_name(name: str) -> None:
-    if not timm.is_model(name.split(".")[0]):
-        close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=3)
-        hint = f"; similar: {', '.join(close)}" if close else ""
-        raise ConfigError(f"embedding.model: unknown timm model '{name}'{hint}")
 
 
 def build_model(

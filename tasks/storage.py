@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlparse
 
-from tasks.errors import CurateError
+from tasks.errors import CurateError, foreign
 from tasks.stop import raise_if_stopped
 
 
@@ -95,8 +95,7 @@ class Storage(ABC):
                     raise
                 if attempt == self.attempts:
                     raise CurateError(
-                        f"{where}: unreachable after {attempt} attempt(s) "
-                        f"({type(exc).__name__}: {str(exc)[:160]})"
+                        f"{where}: unreachable after {attempt} attempt(s) ({foreign(exc, 160)})"
                     ) from None
                 self._count_retries(1)
                 delay = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2**attempt)
@@ -150,6 +149,11 @@ class Storage(ABC):
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
+
+    def probe(self) -> None:
+        """A CurateError unless the location can be used with the credentials at hand; a
+        local folder that does not exist yet is fine (the first write makes it)."""
+        self.exists("LATEST")
 
     @abstractmethod
     def delete(self, key: str) -> None:

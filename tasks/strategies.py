@@ -34,14 +34,16 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
-import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tasks import kcenter
 from tasks.errors import ConfigError, CurateError
+
+if TYPE_CHECKING:  # pandas costs a second to import; the config edge needs none of it
+    import pandas as pd
 
 __all__ = [
     "PREDICTION_COLUMNS",
@@ -225,6 +227,12 @@ def parse_strategies(raw: Any) -> list[StrategyEntry]:
                 owner = owners.get(loc[0], StrategyEntry) if len(loc) > 1 else StrategyEntry
                 message = "unknown key" + _suggest(loc[-1], owner)
             key = ".".join(loc)
+            if err["type"] == "model_type":  # a value where a mapping goes
+                if key:
+                    raise ConfigError(f"config: {where}.{key}: expected a mapping") from None
+                raise ConfigError(
+                    f"config: {where}: expected a mapping {{input: ..., strategy: ...}}"
+                ) from None
             # the entry's own checks name their key in the message ("strategy.target: ...")
             where_key = f"{where}.{key}: {message}" if key else f"{where}.{message}"
             raise ConfigError(f"config: {where_key}") from None
@@ -269,6 +277,8 @@ def read_custom_metadata(
       nested keys become dotted columns (`{"weather": {"temperature": 23}}` gives
       `weather.temperature`).
     """
+    import pandas as pd
+
     if len(keys) == 1 and keys[0].endswith(".parquet"):
         from tasks.formats import read_parquet_bytes
 
@@ -332,6 +342,8 @@ def _numbers(inputs: Inputs, source: StrategyInput, seed: int, where: str) -> np
     if source.type == "RANDOM":
         rng = np.random.default_rng(seed if source.random_seed is None else source.random_seed)
         return rng.random(len(inputs.names))
+    import pandas as pd
+
     values = pd.to_numeric(_column(inputs, source, where), errors="coerce").to_numpy(float)
     return values
 
@@ -575,6 +587,8 @@ def _explain(
     diversity: Strategy | None,
     min_distance: float | None,
 ) -> pd.DataFrame:
+    import pandas as pd
+
     names = inputs.names
     has_prior = inputs.prior is not None and len(inputs.prior) > 0
     rows: list[dict[str, Any]] = []

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import os
 import signal
@@ -43,12 +45,23 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             continue
 
 
-def server_env(tmp_path: Path) -> dict[str, str]:
-    """A server's settings: a free loopback port, its own SQLite database and home; the
-    scheduler loops every 5 s instead of 60 so a test sees its runs soon."""
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """`infra/start-server.sh` on a free loopback port, with its own SQLite database and
+    home; the scheduler loops every 5 s instead of 60 so a test sees its runs soon."""
+    with start_server(tmp_path) as env:
+        yield env
+
+
+@contextlib.contextmanager
+def start_server(
+    tmp_path: Path, extra: dict[str, str] | None = None, without: tuple[str, ...] = ()
+) -> Iterator[dict[str, str]]:
+    """The `server` fixture's server, with `extra` environment for the script (e.g. an
+    auth string) and `without` some; yields the environment its clients use."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    return env | {
+    env |= {
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
         "PREFECT_PORT": str(port),
         "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
@@ -57,33 +70,22 @@ def server_env(tmp_path: Path) -> dict[str, str]:
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
         "PREFECT": PREFECT,
         "PWD": str(REPO),  # prefect.yaml's pull step: the worker runs this checkout
-    }
-
-
-def start_server(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    """`infra/start-server.sh` with `env`, once it serves (its log is appended to)."""
-    start = log_path.stat().st_size if log_path.exists() else 0
+    } | (extra or {})
+    env = {k: v for k, v in env.items() if k not in without}
+    log = (tmp_path / "server.log").open("wb")
     process = subprocess.Popen(
         [str(REPO / "infra/start-server.sh")],
         env=env,
-        stdout=log_path.open("ab"),
+        stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 180
-    while "Prefect UI:" not in log_path.read_bytes()[start:].decode(errors="replace"):
+    deadline = time.monotonic() + 300  # minutes on a loaded two-core machine
+    while "Prefect UI:" not in (tmp_path / "server.log").read_text(errors="replace"):
         if time.monotonic() > deadline or process.poll() is not None:
             stop(process)
-            pytest.fail("infra/start-server.sh did not start: " + tail(log_path))
+            pytest.fail("infra/start-server.sh did not start: " + tail(tmp_path / "server.log"))
         time.sleep(0.5)
-    return process
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """A real Prefect server from `infra/start-server.sh`; yields its clients' settings."""
-    env = server_env(tmp_path)
-    process = start_server(env, tmp_path / "server.log")
     try:
         yield env
     finally:
@@ -111,11 +113,12 @@ def api(env: dict[str, str], method: str, path: str, body: object | None = None)
     the server answers it while SQLite is locked by another writer (a worker, the CLI);
     so is a read that timed out on a loaded machine (reads change nothing)."""
     data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if env.get("PREFECT_API_AUTH_STRING"):  # as Prefect's client does
+        token = base64.b64encode(env["PREFECT_API_AUTH_STRING"].encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
     request = urllib.request.Request(
-        env["PREFECT_API_URL"] + path,
-        data=data,
-        method=method,
-        headers={"Content-Type": "application/json"},
+        env["PREFECT_API_URL"] + path, data=data, method=method, headers=headers
     )
     for attempt in range(6):
         try:

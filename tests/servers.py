@@ -393,18 +393,28 @@ class AzureServer:
     log_path: Path
 
 
-def azurite_connection_string(blob_endpoint: str) -> str:
+def azurite_connection_string(
+    blob_endpoint: str,
+    account_name: str = AZURITE_ACCOUNT_NAME,
+    account_key: str = AZURITE_ACCOUNT_KEY,
+) -> str:
     return (
         "DefaultEndpointsProtocol=http;"
-        f"AccountName={AZURITE_ACCOUNT_NAME};"
-        f"AccountKey={AZURITE_ACCOUNT_KEY};"
+        f"AccountName={account_name};"
+        f"AccountKey={account_key};"
         f"BlobEndpoint={blob_endpoint};"
     )
 
 
 @contextlib.contextmanager
-def azure_server(port: int | None = None) -> Iterator[AzureServer]:
-    """Azurite's blob service (plain HTTP, data in a temporary folder) on `port` or a free one."""
+def azure_server(
+    port: int | None = None,
+    account_name: str = AZURITE_ACCOUNT_NAME,
+    account_key: str = AZURITE_ACCOUNT_KEY,
+) -> Iterator[AzureServer]:
+    """Azurite's blob service (plain HTTP, data in a temporary folder) on `port` or a free one.
+    Another account (a base64 key) replaces the well-known one, e.g. to plant a key that
+    appears nowhere else."""
     if not AZURITE_BIN.exists():
         raise AzuriteNotInstalledError(
             f"Azurite is not installed ({AZURITE_BIN} is missing). "
@@ -429,13 +439,16 @@ def azure_server(port: int | None = None) -> Iterator[AzureServer]:
                 "--disableTelemetry",  # on by default: it would try to reach Azure Monitor
             ]
 
-        with _serve_on_free_port("azurite-blob", command, log_path, port=port) as port:
-            endpoint = f"http://{LOOPBACK}:{port}/{AZURITE_ACCOUNT_NAME}"
-            conn_str = azurite_connection_string(endpoint)
+        env = None
+        if (account_name, account_key) != (AZURITE_ACCOUNT_NAME, AZURITE_ACCOUNT_KEY):
+            env = dict(os.environ) | {"AZURITE_ACCOUNTS": f"{account_name}:{account_key}"}
+        with _serve_on_free_port("azurite-blob", command, log_path, env=env, port=port) as port:
+            endpoint = f"http://{LOOPBACK}:{port}/{account_name}"
+            conn_str = azurite_connection_string(endpoint, account_name, account_key)
             yield AzureServer(
                 connection_string=conn_str,
-                account_name=AZURITE_ACCOUNT_NAME,
-                account_key=AZURITE_ACCOUNT_KEY,
+                account_name=account_name,
+                account_key=account_key,
                 blob_endpoint=endpoint,
                 env={"AZURE_STORAGE_CONNECTION_STRING": conn_str},
                 log_path=log_path,

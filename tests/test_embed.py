@@ -159,3 +159,12 @@ def test_weights_source_follows_the_config_and_random_names_its_seed() -> None:
     weights = resolve_weights(None, pretrained=False, seed=42)
     assert weights == Weights("random", "42")
     assert "seed 42" in weights.describe()
+
+
+def test_timm_model_names_read_from_source_are_timms_own_list() -> None:
+    """The CLI checks `embedding.model` against timm's source, not its import."""
+    import timm
+
+    from tasks.weights import timm_model_names
+
+    assert timm_model_names() == set(timm.list_models())
