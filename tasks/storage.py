@@ -387,10 +387,12 @@ class LocalStorage(Storage):
         except OSError as exc:
             return Unreadable(key, unreadable_reason(exc) or f"unreadable: {exc.strerror}")
         if entry.is_symlink():
+            to_folder = stat.S_ISDIR(info.st_mode)
+            where = key + "/" if to_folder else key
             if not Path(os.path.realpath(entry.path)).is_relative_to(self.root):
-                return Unreadable(key, "symlink leads outside the folder (not followed)")
-            if stat.S_ISDIR(info.st_mode):
-                return Unreadable(key + "/", "symlink to a folder (not followed)")
+                return Unreadable(where, "symlink leads outside the folder (not followed)")
+            if to_folder:
+                return Unreadable(where, "symlink to a folder (not followed)")
         if not stat.S_ISREG(info.st_mode):
             return Unreadable(key, f"not a regular file ({_kind(info.st_mode)})")
         # Root reads anything; others are told here, before a check would cache a verdict.
