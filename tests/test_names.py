@@ -294,8 +294,14 @@ def _unprivileged() -> list[str]:
     return prefix
 
 
-def _curate(*args: str, prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+def _curate(
+    *args: str, prefix: list[str] | None = None, api: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The CLI as a user runs it; on the tests' Prefect server when given its `api`, else
+    with a temporary one."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    if api:
+        env["PREFECT_API_URL"] = api
     return subprocess.run(
         [*(prefix or []), CURATE, *args], capture_output=True, text=True, timeout=400, env=env
     )
@@ -326,6 +332,7 @@ def test_an_output_that_is_a_file_unwritable_or_the_input_is_a_config_error(tmp_
     _one_line_error(result, 2, "output", "cannot write there", "ermission denied")
 
 
+@pytest.mark.slow
 def test_unreadable_files_and_folders_are_listed_and_processed_once_readable(
     tmp_path, run_curate
 ) -> None:
@@ -337,12 +344,15 @@ def test_unreadable_files_and_folders_are_listed_and_processed_once_readable(
     (source / "locked-folder" / "inside.png").write_bytes(PNGS[4])
     (source / "locked.png").chmod(0)
     (source / "locked-folder").chmod(0)
+    from prefect.settings import PREFECT_API_URL
+
     result = _curate(
         "run",
         f"input={source}",
         f"output={out}",
         "stopping_condition.n_samples=2",
         prefix=_unprivileged(),
+        api=PREFECT_API_URL.value(),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
