@@ -82,6 +82,8 @@ def make_name_and_fs_cases(folder: Path, privileged: bool | None = None) -> dict
     plant("line\u2028separator.png")
     plant("back\\slash.png")
     plant('quote",comma.png')
+    plant("math-$^$-in-a-caption.png")  # matplotlib would parse it as math
+    plant("<b>html</b>&amp;.png")
     plant("with spaces/a  b c.png")
     plant("caf\u00e9-nfc.png")
     plant("cafe\u0301-nfd.png")
