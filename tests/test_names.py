@@ -465,6 +465,9 @@ def test_hostile_names_and_entries_end_to_end_then_a_rerun_sees_nothing_new(
     for name in frames:
         assert (first.path / "selected" / name).is_file()
         assert len(name.encode()) <= MAX_SEGMENT_BYTES
+    # The report draws names as text (a `$` would start math, `<b>` markup).
+    assert (first.path / "report.pdf").is_file() and (first.path / "report.html").is_file()
+    assert "&lt;b&gt;html&lt;/b&gt;" in (first.path / "report.html").read_text()
     datapool = pd.read_parquet(output / "datapool" / "v000001" / "objects.parquet")
     assert set(datapool["key"]) == ok
 
