@@ -232,7 +232,7 @@ def test_a_bucket_output_inside_the_input_prefix_is_found_by_prefix_not_by_text(
 
 
 def test_bucket_keys_with_dot_segments_slashes_and_odd_text_are_processed_or_listed(
-    s3, monkeypatch, tmp_path
+    s3, monkeypatch
 ) -> None:
     import boto3
     from servers import make_bucket
@@ -264,7 +264,9 @@ def test_bucket_keys_with_dot_segments_slashes_and_odd_text_are_processed_or_lis
             client.put_object(Bucket=bucket, Key=key, Body=PNGS[i % len(PNGS)])
         except Exception as exc:  # noqa: BLE001 - a key the server itself refuses
             pytest.fail(f"the S3 server refused {key!r}: {exc}")
-    output = open_storage(str(tmp_path / "out"))
+    # The output is a prefix inside the input's, holding an earlier run's exported frame.
+    client.put_object(Bucket=bucket, Key=f"raw/out/{NEVER_LISTED}", Body=PNGS[0])
+    output = open_storage(f"s3://{bucket}/raw/out")
     source = open_storage(f"s3://{bucket}/raw")
     found = discover(source, output, shard_size=4)
     listed = {o.key for s in found.shards for o in read_manifest(output, s.manifest)}
