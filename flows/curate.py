@@ -39,7 +39,7 @@ from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.artifacts import RunProgress, publish_run, summary_line
-from flows.preflight import apply_credentials
+from flows.preflight import apply_credentials, check_output
 from flows.steps import num_workers, step_options
 from flows.streams import Streams, check_model, replace_plan, stream_shards
 from tasks.config import CurateConfig, as_flow_parameters, parse_config
@@ -47,6 +47,7 @@ from tasks.datapool import (
     Datapool,
     DatapoolLock,
     commit,
+    discard_run,
     load_datapool,
     merge,
     next_version,
@@ -177,6 +178,7 @@ def _locked(sections: dict[str, Any], logger: Any) -> str:
     config = parse_config(sections)  # each section is valid; this checks rules across them
     apply_credentials(config.storage.credentials_secret)
     output = open_storage(config.output)
+    check_output(output)
     stale = config.datapool.lock_stale_after_seconds
     with one_run_per_output(config.output, logger):
         run_id = new_run_id()  # once the run may start: run ids sort by start
@@ -225,21 +227,30 @@ def _stages(
         summary = RunSummary(
             run_id=run_id,
             config=config.model_dump(mode="json"),
-            discovered=streams.found.discovered + streams.found.known,
+            discovered=streams.found.discovered
+            + streams.found.known
+            + len(streams.found.unreadable),
             processed=streams.found.discovered,
             skipped=streams.found.skipped,
             dataset_bytes=streams.found.total_bytes,
             steps=steps,
             embedding=streams.embedding_report(),
             versions=package_versions(),
+            unreadable=streams.found.unreadable,
         )
         source = open_storage(config.input)
-        exported = export(output, source, summary, checked, embedded, duplicates, picked, started)
-        write_training_files(output, exported.run, streams, pretag_keys)
-        exported.report.update(started_at=started_at, finished_at=_now())
-        run_dir = commit_run(
-            config, output, pool, streams, exported, duplicates, picked, run_id, prior_key
-        )
+        try:
+            exported = export(
+                output, source, summary, checked, embedded, duplicates, picked, started
+            )
+            write_training_files(output, exported.run, streams, pretag_keys)
+            exported.report.update(started_at=started_at, finished_at=_now())
+            run_dir = commit_run(
+                config, output, pool, streams, exported, duplicates, picked, run_id, prior_key
+            )
+        except Exception:
+            discard_run(output, run_id)  # no half-written run folder per failed run
+            raise
         log_outcome(exported, run_dir, logger)
         publish_run(exported.report, exported.corrupt, run_dir)
         progress.finish()

@@ -7,12 +7,14 @@ typo in `input` is reported at once.
 from __future__ import annotations
 
 import os
+import uuid
+from pathlib import Path
 
 from tasks.config import CurateConfig
-from tasks.discover import load_patterns
-from tasks.errors import CurateError
+from tasks.discover import load_patterns, output_inside
+from tasks.errors import ConfigError, CurateError
 from tasks.naming import is_sample_source
-from tasks.storage import open_storage
+from tasks.storage import Storage, open_storage
 from tasks.weights import check_model_name, resolve_weights
 
 # Environment variables a credentials secret may set: the cloud clients' own.
@@ -43,9 +45,25 @@ def apply_credentials(secret_name: str | None) -> None:
     os.environ.update({key: str(value) for key, value in values.items()})
 
 
+def check_output(output: Storage) -> None:
+    """The output takes a write: a file where its folder should be, or a folder this
+    process may not write to, is a config error before any work, not a traceback at the
+    run's first write. (Bucket permissions are the backends' CurateErrors.)"""
+    probe = f".curate-write-check-{uuid.uuid4().hex}"
+    try:
+        output.write(probe, b"")
+        output.delete(probe)
+    except OSError as exc:
+        root = getattr(output, "root", None)
+        if isinstance(root, Path) and root.exists() and not root.is_dir():
+            raise ConfigError(f"output {output.url}: is a file, not a folder") from None
+        raise ConfigError(f"output {output.url}: cannot write there ({exc.strerror})") from None
+
+
 def preflight(config: CurateConfig) -> None:
     """The output is reachable with working credentials, the input holds samples, the
-    named files exist. Model and device are checked when the run first needs them."""
+    named files exist, the output takes writes and lies apart from the input. Model and
+    device are checked when the run first needs them."""
     apply_credentials(config.storage.credentials_secret)
     try:
         output = open_storage(config.output)
@@ -59,6 +77,8 @@ def preflight(config: CurateConfig) -> None:
         raise CurateError(f"input: {exc}") from None
     if not has_samples:
         raise CurateError(f"input {config.input}: no images or videos found")
+    output_inside(source, output)
+    check_output(output)
     if config.datasource.relevant_filenames_file:
         load_patterns(config.datasource.relevant_filenames_file, source, output)
     emb = config.embedding

@@ -20,7 +20,13 @@ from tasks.formats import npy_bytes, to_parquet_bytes
 from tasks.inputs import decode_image, model_input
 from tasks.keys import artifact_key
 from tasks.shards import CheckedShard, Shard, read_manifest
-from tasks.storage import ObjectInfo, Storage, open_storage, process_objects
+from tasks.storage import (
+    ObjectInfo,
+    Storage,
+    open_storage,
+    process_objects,
+    unreadable_reason,
+)
 
 Inspection = tuple[dict[str, object], np.ndarray] | str  # (metadata, model input) or why not
 
@@ -48,6 +54,8 @@ def check_images(
     for key, outcome in process_objects(input_storage, keys, inspect, num_workers):
         if isinstance(outcome, FileNotFoundError):
             corrupt[key] = "missing: deleted after listing"
+        elif isinstance(outcome, Exception) and (reason := unreadable_reason(outcome)):
+            corrupt[key] = reason  # made unreadable after listing (or root-squashed)
         elif isinstance(outcome, Exception):
             raise outcome  # unreachable storage or a bug: not the object's fault
         elif isinstance(outcome, str):

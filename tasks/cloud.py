@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 from tasks.errors import CurateError, foreign
+from tasks.naming import escape_name, unescape_name
 from tasks.storage import ObjectInfo, Storage, open_ranges
 
 # Remote reads are latency-bound: many in flight hide the round trips.
@@ -45,15 +46,29 @@ class _BucketStorage(Storage):
         self.bucket, self.prefix = split_url(url)
 
     def _full(self, key: str) -> str:
+        """The bucket's key for a name (`tasks.naming`: escapes undone, but a `\\xHH`
+        from a local file name stays as written: a bucket key is UTF-8)."""
+        key = unescape_name(key, raw_bytes=False)
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _relative(self, full_key: str) -> str:
-        return full_key[len(self.prefix) + 1 :] if self.prefix else full_key
+        return escape_name(full_key[len(self.prefix) + 1 :] if self.prefix else full_key)
 
     def _list_prefix(self, prefix: str) -> str:
         """What to ask the service for: the root's prefix as a folder, plus `prefix`."""
         root = self.prefix + "/" if self.prefix else ""
-        return root + prefix
+        return root + unescape_name(prefix, raw_bytes=False)
+
+    def prefix_of(self, other: Storage) -> str | None:
+        if type(other) is not type(self) or not isinstance(other, _BucketStorage):
+            return None
+        if other.bucket != self.bucket:
+            return None
+        if other.prefix == self.prefix:
+            return ""
+        if self.prefix and not other.prefix.startswith(self.prefix + "/"):
+            return None
+        return escape_name(other.prefix[len(self.prefix) + 1 if self.prefix else 0 :]) + "/"
 
     def read_range(self, key: str, start: int, end: int) -> bytes:
         if end <= start:

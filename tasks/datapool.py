@@ -193,6 +193,32 @@ def load_datapool(storage: Storage) -> Datapool:
     )
 
 
+def committed_run(storage: Storage) -> str | None:
+    """The id of the run that committed the published version (None without one); reads
+    its manifest only, unverified: for telling a committed run from a failed one."""
+    version = _current(storage)
+    if version is None or not _VERSION.fullmatch(version):
+        return None
+    try:
+        manifest = json.loads(storage.read(f"{DIR}/{version}/manifest.json"))
+    except (FileNotFoundError, ValueError):
+        return None
+    run_id = manifest.get("run_id") if isinstance(manifest, dict) else None
+    return run_id if isinstance(run_id, str) else None
+
+
+def discard_run(storage: Storage, run_id: str) -> None:
+    """Remove the folder of a run that failed before it committed the datapool, so that
+    failed runs do not pile up half-written folders (a committed run's folder stays: it
+    is the datapool's, and LATEST is repaired to it). Best effort: the run's own error is
+    what the user must see."""
+    try:
+        if committed_run(storage) != run_id:
+            storage.delete_folder(f"runs/{run_id}")
+    except (OSError, CurateError) as exc:
+        log.warning("could not remove the failed run's folder runs/%s (%s)", run_id, exc)
+
+
 def _current(storage: Storage) -> str | None:
     try:
         return storage.read_text(CURRENT).strip()

@@ -6,6 +6,10 @@ shard's content hash. Shard boundaries are content-defined (a boundary follows e
 whose hash is 0 modulo the shard size), so a new object changes one shard, not every
 shard after it, and a rerun finds every other shard in the cache. A video is a shard of
 its own: it holds thousands of samples (its frames), and its check decodes it start to end.
+
+Every relevant image or video the listing finds ends up in a shard or, with its reason, in
+`unreadable`: a broken symlink, a FIFO, a folder it may not read, a bucket key that is not
+a clean relative path. The output is never listed as input, even when it lies inside it.
 """
 
 from __future__ import annotations
@@ -18,11 +22,17 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from tasks.errors import CurateError
+from tasks.errors import ConfigError, CurateError
 from tasks.keys import artifact_key, content_key
-from tasks.naming import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, is_image, is_sample_source
+from tasks.naming import (
+    IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    is_image,
+    is_sample_source,
+    name_problem,
+)
 from tasks.shards import Shard, manifest_bytes
-from tasks.storage import ObjectInfo, Storage, open_storage
+from tasks.storage import ObjectInfo, Storage, Unreadable, open_storage
 
 # A shard is cut at a content-defined boundary, or at this multiple of the shard size so
 # that an unlucky run of keys cannot make one huge shard.
@@ -82,6 +92,19 @@ def load_patterns(
     return parse_patterns(text)
 
 
+def output_inside(input_storage: Storage, output_storage: Storage) -> str | None:
+    """The key prefix (`out/`) of the output inside the input, which discovery leaves out,
+    or None when it lies elsewhere. The output cannot be the input itself: its runs, cache
+    and datapool would sit among the inputs."""
+    inside = input_storage.prefix_of(output_storage)
+    if inside == "":
+        raise ConfigError(
+            f"output {output_storage.url}: is the input itself; use another folder (one "
+            "inside the input is fine: discovery leaves it out)"
+        )
+    return inside
+
+
 def _is_boundary(key: str, shard_size: int) -> bool:
     digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") % shard_size == 0
@@ -108,6 +131,9 @@ class Discovery:
     videos: int = 0
     skipped: int = 0  # objects that are neither or not relevant
     known: int = 0  # relevant objects the datapool holds unchanged: not processed again
+    # Relevant names listed but not offered as objects, with why (`Unreadable`, unsafe
+    # bucket keys); they are in no shard and not in the datapool, so each run lists them.
+    unreadable: dict[str, str] = field(default_factory=dict)
     keys: set[str] = field(default_factory=set)  # of the objects in the shards
     total_bytes: int = 0
     retries: int = 0
@@ -127,15 +153,25 @@ def discover_shards(
     `is_known` says were processed before (the datapool, same identity) are left out."""
 
     videos: deque[ObjectInfo] = deque()
+    output_prefix = output_inside(input_storage, output_storage)
 
     def images() -> Iterator[ObjectInfo]:
         """Relevant images, in listing order; relevant videos are put aside in `videos`
         as they pass, so each becomes a shard just before the image shard it was listed
         in (which is cut only when complete)."""
-        for obj in input_storage.list():
+        for obj in input_storage.scan():
+            if output_prefix is not None and obj.key.startswith(output_prefix):
+                continue  # our own runs, cache and datapool: never an input
             relevant = patterns is None or is_relevant(obj.key, patterns)
-            if not relevant or not is_sample_source(obj.key):
+            # A folder that cannot be read may hold anything: listed whatever its name.
+            folder = isinstance(obj, Unreadable) and obj.key.endswith("/")
+            wanted = folder or is_sample_source(obj.key)
+            if not relevant or not wanted:
                 found.skipped += 1
+            elif isinstance(obj, Unreadable):
+                found.unreadable[obj.key] = obj.reason
+            elif problem := name_problem(obj.key):
+                found.unreadable[obj.key] = problem
             elif is_known is not None and is_known(obj):
                 found.known += 1
             elif is_image(obj.key):
@@ -173,7 +209,7 @@ def discover_shards(
         started = time.perf_counter()
     found.seconds += time.perf_counter() - started
     found.retries = input_storage.retries + output_storage.retries
-    if found.discovered == 0 and found.known == 0:
+    if found.discovered == 0 and found.known == 0 and not found.unreadable:
         raise CurateError(
             f"input {input_storage.url}: no images or videos found "
             f"({', '.join(sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))})"

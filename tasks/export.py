@@ -25,6 +25,7 @@ from tasks.formats import (
     text_lines,
     to_parquet_bytes,
 )
+from tasks.naming import is_video
 from tasks.shards import CheckedShard, EmbeddedShard, StepStats
 from tasks.storage import Storage, open_storage
 
@@ -63,6 +64,8 @@ class RunSummary:
     versions: dict[str, str]
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    # Listed but not readable as objects (discovery's `unreadable`): in the corrupt lists.
+    unreadable: dict[str, str] = field(default_factory=dict)
 
 
 def _embedding_rows(
@@ -107,6 +110,8 @@ def export(
     corrupt: dict[str, str] = {}
     corrupt_videos: dict[str, str] = {}
     videos: dict[str, Any] = {}
+    for name, reason in summary.unreadable.items():
+        (corrupt_videos if is_video(name) else corrupt)[name] = reason
     for check in checked:
         reasons = json.loads(output.read(check.corrupt))
         (corrupt if check.videos is None else corrupt_videos).update(reasons)
@@ -164,6 +169,7 @@ def export(
         "videos": len(videos),
         "corrupt_videos": len(corrupt_videos),
         "frames": int(metadata["video"].notna().sum()),
+        "unreadable": len(summary.unreadable),
         "selected_sequences": len(picked["sequences"]),
     }
     return Exported(

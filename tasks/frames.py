@@ -31,7 +31,7 @@ from tasks.keys import artifact_key
 from tasks.naming import frame_name
 from tasks.shards import CheckedShard, Shard, read_manifest
 from tasks.stop import raise_if_stopped
-from tasks.storage import ObjectInfo, Storage, open_storage
+from tasks.storage import ObjectInfo, Storage, open_storage, unreadable_reason
 from tasks.video import VideoInfo, check_video, probe, read_frames, to_rgb
 
 # Bytes per sample in each plane of the pixel formats decoders commonly put out: a plane's
@@ -146,7 +146,13 @@ def check_one_video(
     parts = _Parts(output, part_prefix, chunk, input_size)
     first_pts: list[int] = []
     try:
-        with source.open(obj.key) as stream:
+        opened = source.open(obj.key)
+    except OSError as exc:  # made unreadable after listing: the object's, not the run's
+        if isinstance(exc, FileNotFoundError) or (why := unreadable_reason(exc)) is None:
+            raise
+        return parts.seen, None, 0, why
+    try:
+        with opened as stream:
             info = probe(stream, use_metadata)
             if isinstance(info, str):
                 return parts.seen, None, 0, info

@@ -739,7 +739,8 @@ def render_html(sections: list[Section], title: str) -> bytes:
         "<nav>" + "".join(f'<a href="#{_anchor(s.title)}">{e(s.title)}</a>' for s in sections),
         "</nav>",
     ]
-    with rc_context({"font.size": 9}):
+    # Names are drawn as they are: matplotlib would parse `x$^$.png` as math, and fail.
+    with rc_context({"font.size": 9, "text.parse_math": False}):
         for section in sections:
             parts.append(f'<section id="{_anchor(section.title)}"><h2>{e(section.title)}</h2>')
             if section.note:
@@ -812,7 +813,11 @@ def render_pdf(sections: list[Section], title: str) -> bytes:
 
     buffer = io.BytesIO()
     # TrueType fonts (not Type 3) keep the text searchable and extractable.
-    with rc_context({"pdf.fonttype": 42, "font.size": 8}), PdfPages(buffer) as pdf:
+    # Names are plain text (see render_html).
+    with (
+        rc_context({"pdf.fonttype": 42, "font.size": 8, "text.parse_math": False}),
+        PdfPages(buffer) as pdf,
+    ):
         for number, section in enumerate(sections, 1):
             page = Figure(figsize=PAGE, layout="constrained")
             page.text(0.04, 0.955, section.title, fontsize=16, weight="bold")

@@ -1,8 +1,12 @@
 """One storage interface for every read and write of the pipeline.
 
 Steps never open paths: they ask a `Storage` rooted at the input or output URL for keys
-relative to that root (`photos/a.jpg`, `/` separators). Listing is lazy and in key order
-(the order buckets list in), so shards come out the same on every backend. Each backend
+relative to that root (`photos/a.jpg`, `/` separators). A key is a name (`tasks.naming`):
+the backends escape what a listing finds and unescape what they are asked for, so a file
+name with a newline or bytes that are not UTF-8 is a plain line of text past this layer.
+Listing is lazy and in key order (the order buckets list in), so shards come out the same
+on every backend; `scan` also says what a listing had to leave out (a broken symlink, a
+FIFO, a folder it may not read), so that nothing vanishes silently. Each backend
 counts the bytes it reads and the retries it needed, so the report can say what every
 step cost in traffic. Writes are atomic (a reader sees the old object or the new one,
 never half of one). Transient failures are retried with exponential backoff and jitter;
@@ -13,10 +17,13 @@ naming the URL.
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import io
 import os
 import random
 import shutil
+import stat
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -29,6 +36,7 @@ from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlparse
 
 from tasks.errors import CurateError, foreign
+from tasks.naming import escape_name, unescape_name
 from tasks.stop import raise_if_stopped
 
 
@@ -39,6 +47,34 @@ class ObjectInfo:
     key: str
     size: int
     version: str  # mtime (local), ETag (S3), generation (GCS), ETag (Azure)
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """What a listing found but cannot offer as an object, and why: a broken or looping
+    symlink, one that leads out of the root or to a folder, a FIFO, socket or device
+    (never opened: a FIFO would block the reader), a file or folder this process may not
+    read. Folders' keys end in `/`."""
+
+    key: str
+    reason: str
+
+
+class NotRegularFile(OSError):
+    """The key names something other than a regular file now (it was one when listed)."""
+
+
+def unreadable_reason(exc: BaseException) -> str | None:
+    """The reason to list an object with when reading it failed for good (its access
+    rights, what it is), or None for a failure that is not the object's (the disk, the
+    network): those stop the run, and a rerun tries again."""
+    if isinstance(exc, PermissionError):
+        return "unreadable: permission denied"
+    if isinstance(exc, (NotRegularFile, IsADirectoryError)):
+        return "not a regular file"
+    if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+        return "symlink loop"
+    return None
 
 
 T = TypeVar("T")
@@ -114,6 +150,16 @@ class Storage(ABC):
     @abstractmethod
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         """Objects under `prefix`, lazily, in key order."""
+
+    def scan(self, prefix: str = "") -> Iterator[ObjectInfo | Unreadable]:
+        """`list`, with what it leaves out in its place (a bucket's listing holds objects
+        only; a folder's can hold more)."""
+        yield from self.list(prefix)
+
+    def prefix_of(self, other: Storage) -> str | None:
+        """The key prefix (`out/`) under which `other`'s root lies inside this root, ""
+        when both are the same place, None when `other` is not inside."""
+        return None
 
     @abstractmethod
     def read(self, key: str) -> bytes:
@@ -297,51 +343,94 @@ class LocalStorage(Storage):
     def _path(self, key: str) -> Path:
         # A lexical check (no syscalls, unlike resolve()): keys come from our own listing
         # or manifests, so `..` and absolute keys are the only ways out of the root.
-        if key.startswith("/") or ".." in key.split("/"):
+        path = unescape_name(key)
+        if path.startswith("/") or ".." in path.split("/") or "\x00" in path:
             raise CurateError(f"{key}: outside the storage root {self.url}")
-        return self.root / key
+        return self.root / path
+
+    def prefix_of(self, other: Storage) -> str | None:
+        if not isinstance(other, LocalStorage) or not other.root.is_relative_to(self.root):
+            return None
+        inside = other.root.relative_to(self.root).as_posix()
+        return "" if inside == "." else escape_name(inside) + "/"
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        return (o for o in self.scan(prefix) if isinstance(o, ObjectInfo))
+
+    def scan(self, prefix: str = "") -> Iterator[ObjectInfo | Unreadable]:
         base = self._path(prefix) if prefix else self.root
         if not base.is_dir():
             raise CurateError(f"{self.join(prefix)}: no such folder")
+        if not os.access(base, os.R_OK | os.X_OK, **_EFFECTIVE):
+            raise CurateError(f"{self.join(prefix)}: cannot list the folder (permission denied)")
         relative = base.relative_to(self.root).as_posix()
-        yield from self._walk(base, "" if relative == "." else relative + "/")
+        yield from self._walk(base, "" if relative == "." else escape_name(relative) + "/")
 
-    def _walk(self, directory: Path, key_prefix: str) -> Iterator[ObjectInfo]:
+    def _walk(self, directory: Path, key_prefix: str) -> Iterator[ObjectInfo | Unreadable]:
         """Depth first, in plain string order of the full keys: a folder sorts as
         `name/`, which puts `a.jpg` before `a/b.jpg` before `a0.jpg`, as buckets do."""
         try:
             entries = list(os.scandir(directory))
+        except PermissionError:
+            yield Unreadable(key_prefix, "unreadable folder: permission denied")
+            return
         except OSError:
-            return  # removed or unreadable while listing
+            return  # removed while listing
+        named = [(escape_name(e.name), e) for e in entries]
         folders = {e.name for e in entries if e.is_dir(follow_symlinks=False)}
-        for entry in sorted(entries, key=lambda e: e.name + "/" if e.name in folders else e.name):
-            key = key_prefix + entry.name
+        for name, entry in sorted(named, key=lambda n: n[0] + "/" * (n[1].name in folders)):
             if entry.name in folders:
-                yield from self._walk(Path(entry.path), key + "/")
-                continue
-            try:
-                stat = entry.stat()
-            except OSError:
-                continue  # removed while listing
-            if entry.is_file():
-                yield ObjectInfo(key=key, size=stat.st_size, version=str(stat.st_mtime_ns))
+                yield from self._walk(Path(entry.path), key_prefix + name + "/")
+            elif (found := self._entry(entry, key_prefix + name)) is not None:
+                yield found
+
+    def _entry(self, entry: os.DirEntry[str], key: str) -> ObjectInfo | Unreadable | None:
+        """A listed non-folder: a regular file to read (through a symlink that stays in
+        the root), or what it is instead; None when it was removed while listing."""
+        try:
+            info = entry.stat()  # through a symlink
+        except FileNotFoundError:
+            return Unreadable(key, "broken symlink") if entry.is_symlink() else None
+        except OSError as exc:
+            return Unreadable(key, unreadable_reason(exc) or f"unreadable: {exc.strerror}")
+        if entry.is_symlink():
+            to_folder = stat.S_ISDIR(info.st_mode)
+            where = key + "/" if to_folder else key
+            if not Path(os.path.realpath(entry.path)).is_relative_to(self.root):
+                return Unreadable(where, "symlink leads outside the folder (not followed)")
+            if to_folder:
+                return Unreadable(where, "symlink to a folder (not followed)")
+        if not stat.S_ISREG(info.st_mode):
+            return Unreadable(key, f"not a regular file ({_kind(info.st_mode)})")
+        # Root reads anything; others are told here, before a check would cache a verdict.
+        if not os.access(entry.path, os.R_OK, **_EFFECTIVE):
+            return Unreadable(key, "unreadable: permission denied")
+        return ObjectInfo(key=key, size=info.st_size, version=str(info.st_mtime_ns))
+
+    def _open(self, key: str) -> int:
+        """A descriptor of the regular file `key`. Opened without blocking, so a name that
+        became a FIFO since the listing is refused instead of waited on."""
+        fd = os.open(self._path(key), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise NotRegularFile(errno.EINVAL, "not a regular file", key)
+        return fd
 
     def read(self, key: str) -> bytes:
-        data = self._path(key).read_bytes()
+        with os.fdopen(self._open(key), "rb") as f:
+            data = f.read()
         self._count(len(data))
         return data
 
     def read_range(self, key: str, start: int, end: int) -> bytes:
-        with self._path(key).open("rb") as f:
+        with os.fdopen(self._open(key), "rb") as f:
             f.seek(start)
             data = f.read(max(0, end - start))
         self._count(len(data))
         return data
 
     def open(self, key: str) -> BinaryIO:
-        raw = self._path(key).open("rb", buffering=0)
+        raw = os.fdopen(self._open(key), "rb", buffering=0)
         return io.BufferedReader(_CountingReader(raw, self._count))  # type: ignore[arg-type]
 
     def write(self, key: str, data: bytes) -> None:
@@ -388,9 +477,32 @@ class LocalStorage(Storage):
             shutil.rmtree(self._path(_folder(folder)))
 
 
+# Access checks by the effective user (what an open would be checked against).
+_EFFECTIVE = {"effective_ids": True} if os.access in os.supports_effective_ids else {}
+
+_KINDS = {
+    stat.S_IFIFO: "FIFO",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+}
+
+
+def _kind(mode: int) -> str:
+    return _KINDS.get(stat.S_IFMT(mode), "special file")
+
+
 def _temporary(path: Path) -> Path:
-    """A name beside `path` that no other writer (process, thread) uses at the same time."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    """A name beside `path` that no other writer (process, thread) uses at the same time,
+    within the 255 bytes a file name may have however long `path`'s name is (its start,
+    then a hash of all of it)."""
+    own = f".{os.getpid()}.{threading.get_ident()}.tmp"
+    name = path.name
+    if len(f".{name}{own}".encode("utf-8", "surrogateescape")) > 255:
+        digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        start = name.encode("utf-8", "surrogateescape")[:120].decode("utf-8", "ignore")
+        name = f"{start}~{digest}"
+    return path.with_name(f".{name}{own}")
 
 
 def _folder(folder: str) -> str:

@@ -80,7 +80,7 @@ class Run:
         return json.loads((self.path / "report.json").read_text())
 
     def names(self, which: str) -> list[str]:
-        return (self.path / "filenames" / f"{which}_filenames.txt").read_text().split()
+        return (self.path / "filenames" / f"{which}_filenames.txt").read_text().splitlines()
 
     @property
     def corrupt(self) -> dict[str, str]:

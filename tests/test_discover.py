@@ -140,8 +140,8 @@ def test_the_first_shard_is_handed_out_before_the_listing_ends(tmp_path: Path) -
 
         listed = 0
 
-        def list(self, prefix: str = ""):  # type: ignore[no-untyped-def]
-            for obj in super().list(prefix):
+        def scan(self, prefix: str = ""):  # type: ignore[no-untyped-def]
+            for obj in super().scan(prefix):
                 CountingStorage.listed += 1
                 yield obj
 
