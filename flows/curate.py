@@ -39,7 +39,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.artifacts import RunProgress, publish_run, summary_line
 from flows.preflight import apply_credentials
-from flows.steps import num_workers, step_options
+from flows.steps import step_options
 from flows.streams import Streams, check_model, replace_plan, stream_shards
 from tasks.config import CurateConfig, as_flow_parameters, parse_config
 from tasks.datapool import (
@@ -57,6 +57,7 @@ from tasks.errors import CurateError
 from tasks.export import Exported, RunSummary, export, point_latest, write_report
 from tasks.formats import npy_bytes, read_npy, to_parquet_bytes
 from tasks.keys import PIPELINE_VERSION, artifact_key
+from tasks.resources import check_config
 from tasks.shards import CheckedShard, EmbeddedShard, StepStats, read_manifest
 from tasks.storage import Storage, open_storage
 from tasks.weights import resolve_weights
@@ -169,6 +170,7 @@ def curate(**sections: Any) -> str:
 
 def _locked(sections: dict[str, Any], logger: Any) -> str:
     config = parse_config(sections)  # each section is valid; this checks rules across them
+    check_config(config)  # resources that cannot fit fail before any work
     apply_credentials(config.storage.credentials_secret)
     output = open_storage(config.output)
     stale = config.datapool.lock_stale_after_seconds
@@ -231,6 +233,7 @@ def _stages(
         exported = export(output, source, summary, checked, embedded, duplicates, picked, started)
         write_training_files(output, exported.run, streams, pretag_keys)
         exported.report.update(started_at=started_at, finished_at=_now())
+        exported.report["resources"] = streams.resources_report()
         run_dir = commit_run(
             config, output, pool, streams, exported, duplicates, picked, run_id, prior_key
         )
@@ -259,7 +262,7 @@ def train_and_pretag(
 
     plan = streams.plan
     assert plan is not None
-    workers = num_workers(config.num_workers)
+    planned = streams.resources  # training and pretagging run in this process
     if config.enable_training and checked:
         started = time.perf_counter()
         title = f"{config.training.method} on {len(checked)} shards"
@@ -274,7 +277,7 @@ def train_and_pretag(
             plan.input_size,
             config.seed,
             str(plan.device),
-            workers,
+            planned["train"].num_proc,
         )
         trained = future.result()
         checkpoint = local_checkpoint(config.output, trained.checkpoint)
@@ -303,7 +306,7 @@ def train_and_pretag(
                     config.embedding.model,
                     plan.input_size,
                     str(plan.device),
-                    workers,
+                    planned["pretag"].num_proc,
                 )
             )
     streams.embed_deferred(checked, pretags)

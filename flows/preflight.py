@@ -12,6 +12,7 @@ from tasks.config import CurateConfig
 from tasks.discover import load_patterns
 from tasks.errors import CurateError
 from tasks.naming import is_sample_source
+from tasks.resources import check_config
 from tasks.storage import open_storage
 from tasks.weights import resolve_weights
 
@@ -45,7 +46,8 @@ def apply_credentials(secret_name: str | None) -> None:
 
 def preflight(config: CurateConfig) -> None:
     """The output is reachable with working credentials, the input holds samples, the
-    named files exist. Model and device are checked when the run first needs them."""
+    named files exist, the declared resources fit. Model and device are checked when the
+    run first needs them."""
     apply_credentials(config.storage.credentials_secret)
     try:
         output = open_storage(config.output)
@@ -63,3 +65,4 @@ def preflight(config: CurateConfig) -> None:
         load_patterns(config.datasource.relevant_filenames_file, source, output)
     emb = config.embedding
     resolve_weights(emb.checkpoint, emb.pretrained, config.seed)
+    check_config(config)
