@@ -106,7 +106,9 @@ def check_model(pool: Datapool, identity: dict[str, Any], output: Storage) -> No
         )
 
 
-def add_result(stats: StepStats, result: Any, cached: bool) -> None:
+def add_result(
+    stats: StepStats, result: Any, cached: bool, batch_sizes: list[int] | None = None
+) -> None:
     """One shard's cost of a step: nothing when it came from the cache."""
     stats.shards += 1
     if cached:
@@ -115,6 +117,8 @@ def add_result(stats: StepStats, result: Any, cached: bool) -> None:
         stats.seconds += result.seconds
         stats.bytes_read += result.bytes_read
         stats.retries += result.retries
+        if batch_sizes is not None and getattr(result, "batch_size", 0):
+            batch_sizes.append(result.batch_size)
 
 
 class Streams:
@@ -132,6 +136,7 @@ class Streams:
         self.shards: list[Shard] = []
         self.trained: Any = None  # tasks.train.TrainedModel when training ran
         self.embed_devices: set[str] = set()
+        self.batch_sizes: list[int] = []  # of the shards embedded by this run
         self.resources: dict[str, StepPlan] = {}  # the steps planned on this machine
         self.machine: dict[str, Any] = {}
 
@@ -182,6 +187,9 @@ class Streams:
             "weights": self.plan.weights.describe(),
             "input_size": self.plan.input_size,
             "device": ", ".join(sorted(self.embed_devices)) or self.plan.embed_device,
+            # the smallest any shard ran with: below embedding.batch_size after a CUDA
+            # out-of-memory (cached shards ran earlier and say nothing)
+            "batch_size": min(self.batch_sizes, default=config.embedding.batch_size),
         }
 
     def embed_settings(self) -> EmbedSettings:
@@ -275,7 +283,7 @@ class LocalStreams(Streams):
         results = []
         for future in futures:
             result = future.result()
-            add_result(stats, result, cached=future.state.name == "Cached")
+            add_result(stats, result, future.state.name == "Cached", self.batch_sizes)
             results.append(result)
             # check counts objects (a video is one), embed counts samples (its frames)
             samples = self.found.shards[len(results) - 1].count if step == "check" else result.count
@@ -352,7 +360,7 @@ class PooledStreams(Streams):
         ordered = []
         for shard in self.shards:
             result, cached = results[shard.index]
-            add_result(stats, result, cached)
+            add_result(stats, result, cached, self.batch_sizes)
             ordered.append(result)
         return ordered
 

@@ -211,11 +211,6 @@ def this_machine(with_gpus: bool = False) -> Machine:
     return Machine(usable_cpus(), total, available, detect_gpus() if with_gpus else None)
 
 
-def default_workers() -> int:
-    """Threads when a count is `auto` and nothing else is known: one per usable CPU."""
-    return max(1, math.floor(usable_cpus()))
-
-
 # Declarations and the plan
 
 

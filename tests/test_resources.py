@@ -355,3 +355,22 @@ def test_auto_never_over_asks(
         share = machine.available * SAFE_MEMORY_SHARE / len(phase)
         for s in phase:  # auto workers fit their share of the safe memory (one always runs)
             assert WORKER_MEMORY[s] * plans[s].num_proc <= share or plans[s].num_proc == 1
+
+
+def test_a_run_reports_its_plan_and_uses_the_declared_workers(
+    demo_folder, run_curate, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    folder, _ = demo_folder
+    run = run_curate(
+        f"input={folder}",
+        f"output={tmp_path}",
+        "stopping_condition.n_samples=3",
+        "embedding.input_size=32",
+        "num_workers=1",
+        "resources.check.num_proc=2",
+    )
+    resources = run.report["resources"]
+    assert resources["steps"]["check"]["num_proc"] == 2
+    assert resources["steps"]["embed"]["num_proc"] == 1  # num_workers, the alias
+    assert resources["machine"]["cpus"] == usable_cpus()
+    assert run.report["embedding"]["batch_size"] == 64  # no out-of-memory here
