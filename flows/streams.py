@@ -117,8 +117,9 @@ def add_result(
         stats.seconds += result.seconds
         stats.bytes_read += result.bytes_read
         stats.retries += result.retries
-        if batch_sizes is not None and getattr(result, "batch_size", 0):
-            batch_sizes.append(result.batch_size)
+        batch_size: int = getattr(result, "batch_size", 0)  # embeddings have one
+        if batch_sizes is not None and batch_size:
+            batch_sizes.append(batch_size)
 
 
 class Streams:
@@ -235,17 +236,33 @@ class LocalStreams(Streams):
     def add(self, shard: Shard) -> None:
         plan = self.plan
         assert plan is not None
-        # On a GPU, checking shard i+1 (CPU) overlaps embedding shard i. On a CPU both
-        # want every core, and torch's threads slow down badly when decoding threads
-        # preempt them, so there each shard's check waits for the previous embedding.
-        overlap = plan.device.type == "cuda"
-        wait_for: list[PrefectFuture[Any]] = [] if overlap else self.embeds[-1:]
         settings = CheckSettings.of(self.config, plan.input_size, self.workers("check"))
-        checked = submit_check(shard, settings, self.results, wait_for)
+        checked = self.submit_check(shard, settings, self.check_waits_for())
         self.checks.append(checked)
         self.shards.append(shard)
         if not self.deferred:
-            self.embeds.append(submit_embed(shard, checked, self.embed_settings(), self.results))
+            self.embeds.append(self.submit_embed(shard, checked, self.embed_settings(), []))
+
+    def check_waits_for(self) -> list[PrefectFuture[Any]]:
+        """On a GPU, checking shard i+1 (CPU) overlaps embedding shard i. On a CPU both
+        want every core, and torch's threads slow down badly when decoding threads
+        preempt them, so there each shard's check waits for the previous embedding."""
+        assert self.plan is not None
+        return [] if self.plan.device.type == "cuda" else self.embeds[-1:]
+
+    def submit_check(
+        self, shard: Shard, settings: CheckSettings, wait_for: list[PrefectFuture[Any]]
+    ) -> PrefectFuture[CheckedShard]:
+        return submit_check(shard, settings, self.results, wait_for)
+
+    def submit_embed(
+        self,
+        shard: Shard,
+        checked: Any,
+        settings: EmbedSettings,
+        wait_for: list[PrefectFuture[Any]],
+    ) -> PrefectFuture[EmbeddedShard]:
+        return submit_embed(shard, checked, settings, self.results, wait_for)
 
     def _finished(self) -> int:
         """Step runs finished so far (asked without an API call)."""
@@ -273,7 +290,7 @@ class LocalStreams(Streams):
         settings = self.embed_settings()
         for i, (shard, check) in enumerate(zip(self.shards, checked, strict=True)):
             wait = before[i : i + 1]  # the shard's pretagging reads the inputs embed deletes
-            self.embeds.append(submit_embed(shard, check, settings, self.results, wait))
+            self.embeds.append(self.submit_embed(shard, check, settings, wait))
 
     def collect_embeddings(self, steps: dict[str, StepStats]) -> list[EmbeddedShard]:
         return self._collect("embed", self.embeds, steps.setdefault("embed", StepStats()))
@@ -410,6 +427,10 @@ def stream_shards(
     streams: Streams
     if config.orchestration.mode == "pools":
         streams = PooledStreams(config, found, progress, output, logger=logger)
+    elif config.orchestration.mode == "ray":
+        from flows.on_ray import RayStreams  # imports Ray only when asked
+
+        streams = RayStreams(config, found, progress, output, logger=logger)
     else:
         streams = LocalStreams(config, found, progress, output)
     is_known = None if config.datasource.process_all else pool.is_known

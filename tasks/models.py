@@ -87,9 +87,7 @@ def build_model(
     return model
 
 
-def halving_on_oom(
-    count: int, batch_size: int, run: Callable[[int, int], None], what: str
-) -> int:
+def halving_on_oom(count: int, batch_size: int, run: Callable[[int, int], None], what: str) -> int:
     """`run(start, stop)` over `[0, count)` in batches of `batch_size`. A CUDA
     out-of-memory halves the batch and runs it again (down to 1) instead of failing
     the run: a GPU shared with other work, or a larger model than the batch was sized

@@ -430,10 +430,15 @@ def gpu_steps(embed_on_gpu: bool) -> tuple[str, ...]:
 
 
 def run_plan(
-    config: CurateConfig, embed_on_gpu: bool, machine: Machine, on_this_machine: bool = True
+    config: CurateConfig,
+    embed_on_gpu: bool,
+    machine: Machine,
+    on_this_machine: bool = True,
+    only: tuple[str, ...] = STEPS,
 ) -> dict[str, StepPlan]:
-    """The validated plan of every step that runs on `machine` in this run."""
-    steps = phases(config, embed_on_gpu, on_this_machine)
+    """The validated plan of every step (of `only`) that runs on `machine` in this run."""
+    found = phases(config, embed_on_gpu, on_this_machine)
+    steps = [p for p in (tuple(s for s in phase if s in only) for phase in found) if p]
     plans = plan(asks_of(config), steps, machine, gpu_steps(embed_on_gpu))
     validate(plans, steps, machine)
     return plans
