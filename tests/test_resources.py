@@ -374,3 +374,21 @@ def test_a_run_reports_its_plan_and_uses_the_declared_workers(
     assert resources["steps"]["embed"]["num_proc"] == 1  # num_workers, the alias
     assert resources["machine"]["cpus"] == usable_cpus()
     assert run.report["embedding"]["batch_size"] == 64  # no out-of-memory here
+
+
+def test_a_pool_worker_plans_and_validates_its_own_step_against_its_own_machine() -> None:
+    from flows.steps import CheckJob, CheckSettings
+
+    # The pipeline leaves auto to the worker (-1), and the job carries the ask there.
+    auto = CheckSettings.of(config("orchestration.mode=pools"), 64)
+    assert auto.num_workers == -1
+    assert auto.planned().num_workers == int(usable_cpus())  # this machine's, not the pipeline's
+    asked = CheckSettings.of(
+        config("orchestration.mode=pools", "resources.check.num_cpus=1000"), 64
+    )
+    job = CheckJob(shards=[], settings=asked)
+    carried = CheckJob(**job.model_dump(mode="json")).settings  # as a deployment run gets it
+    with pytest.raises(ConfigError, match=r"^resources.check asks for 1000 CPUs, this machine has"):
+        carried.planned()
+    alias = CheckSettings.of(config("orchestration.mode=pools", "num_workers=3"), 64)
+    assert alias.planned().num_workers == 3
