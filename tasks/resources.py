@@ -454,6 +454,8 @@ def check_config(config: CurateConfig) -> None:
         return
     mode, device = config.orchestration.mode, config.embedding.device
     here = mode == "local" or (mode == "ray" and not config.orchestration.ray_address)
+    if not phases(config, embed_on_gpu=False, on_this_machine=here):
+        return  # nothing runs on this machine that asks for anything
     wants_gpus = device != "cpu" or any((a.num_gpus or 0) > 0 for a in asks.values())
     machine = this_machine(with_gpus=wants_gpus)
     embed_on_gpu = device.startswith("cuda") or (device == "auto" and bool(machine.gpus))

@@ -115,3 +115,28 @@ def test_ray_asks_that_cannot_fit_fail_before_ray_starts(demo_folder, tmp_path, 
     )
     assert code == 2
     assert "resources.check asks for 1000 CPUs, this machine has" in capsys.readouterr().err
+
+
+def test_step_tasks_survive_the_pickling_that_sends_them_to_ray_workers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Ray pickles a task's function by value (a step's wrapper is a closure): nothing
+    in it may be a ContextVar or a lock; the copy still names its artifacts by its key."""
+    import cloudpickle
+
+    from flows.steps import step_options
+    from tasks.caching import cached_step, current_step_key
+    from tasks.check import check_shard
+    from tasks.embed import embed_shard
+    from tasks.frames import check_video_shard
+
+    for task in (check_shard, embed_shard, check_video_shard):
+        copy = cloudpickle.loads(
+            cloudpickle.dumps(task.with_options(**step_options("x", "y", tmp_path)))
+        )
+        assert copy.name == task.name
+
+    @cached_step("probe")
+    def probe(value: int) -> str:
+        return current_step_key()
+
+    travelled = cloudpickle.loads(cloudpickle.dumps(probe))
+    assert travelled.fn(3) == probe.fn(3) != probe.fn(4)
