@@ -40,9 +40,8 @@ def ray_machine(resources: dict[str, float], where: str) -> Machine:
 class RayStreams(LocalStreams):
     """Check and embed as Ray tasks of this flow run."""
 
-    def __init__(self, *args: Any, logger: logging.Logger) -> None:
+    def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self.logger = logger
         self.runner: Any = None  # prefect_ray.RayTaskRunner, once started
         self.ray: dict[str, Any] = {}
 
@@ -149,6 +148,9 @@ def start_ray(address: str | None, machine: Machine) -> Any:
             "num_cpus": max(1, math.ceil(machine.cpus)),
             "num_gpus": len(machine.gpus or ()),
             "object_store_memory": OBJECT_STORE_BYTES,
+            # Ray's memory resource is what the asks were validated against (Ray's own
+            # default, a share of the RAM, would leave a fitting ask waiting forever)
+            "_memory": machine.available,
             "_node_ip_address": "127.0.0.1",
         }
     started = time.perf_counter()

@@ -430,7 +430,7 @@ def stream_shards(
     elif config.orchestration.mode == "ray":
         from flows.on_ray import RayStreams  # imports Ray only when asked
 
-        streams = RayStreams(config, found, progress, output, logger=logger)
+        streams = RayStreams(config, found, progress, output)
     else:
         streams = LocalStreams(config, found, progress, output)
     is_known = None if config.datasource.process_all else pool.is_known

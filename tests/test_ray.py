@@ -64,7 +64,12 @@ def test_a_ray_run_equals_the_in_process_run_and_leaves_no_ray_process(
     def ray_run() -> None:
         try:
             done["run"] = run_curate(
-                f"input={folder}", f"output={tmp_path / 'ray'}", "orchestration.mode=ray", *ARGS
+                f"input={folder}",
+                f"output={tmp_path / 'ray'}",
+                "orchestration.mode=ray",
+                "resources.embed.num_cpus=0.5",  # Ray requests: a fraction of a CPU,
+                "resources.check.memory=100MB",  # and memory (times the decode threads)
+                *ARGS,
             )
         except BaseException as exc:
             done["error"] = exc
@@ -86,12 +91,10 @@ def test_a_ray_run_equals_the_in_process_run_and_leaves_no_ray_process(
     assert report["resources"]["ray"]["address"] == "local"
     assert report["resources"]["ray"]["start_seconds"] > 0
     asks = report["resources"]["steps"]
-    # embedding on this CPU: check and embed take turns, each asks for every CPU
-    assert (
-        asks["check"]["num_cpus"]
-        == asks["embed"]["num_cpus"]
-        == report["resources"]["machine"]["cpus"]
-    )
+    # embedding on this CPU: check and embed take turns, the check's auto is every CPU
+    assert asks["check"]["num_cpus"] == report["resources"]["machine"]["cpus"]
+    assert asks["embed"]["num_cpus"] == 0.5
+    assert (asks["check"]["memory"], asks["check"]["memory_asked"]) == (100_000_000, True)
     assert report["counts"] == local.report["counts"]
     # Ray stopped with the run: no raylet, GCS or worker left below this process
     left = [t for t in _descendants(os.getpid()).values() if "ray" in t]
