@@ -11,10 +11,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	@echo "make install: creating $(VENV) with curate-worker and its pinned dependencies (torch, timm,"
 	@echo "  prefect, ...; about 4 minutes on a fresh machine, 5.5 GB; pip's log: $(VENV)/install.log)"
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install $(PIP_QUIET) -c constraints.txt -e ".[dev]" > $(VENV)/install.log 2>&1 \
+	$(PY) -m pip install $(PIP_QUIET) -c constraints.txt -e ".[dev,ray]" > $(VENV)/install.log 2>&1 \
 		|| { grep -v "^WARNING: Location" $(VENV)/install.log; exit 1; }
 	$(PY) -m pip install $(PIP_QUIET) --no-deps -c constraints.txt lightly==1.6.0  # see pyproject
-	$(PY) -c "import flows.cli, tasks.embed, tasks.train, lightly.loss, kornia.augmentation"
+	$(PY) -c "import flows.cli, tasks.embed, tasks.train, lightly.loss, kornia.augmentation, prefect_ray"
 	touch $@
 	@echo "make install: done ($(VENV)/bin/curate)"
 
@@ -51,6 +51,7 @@ bench: install
 	$(PY) -m bench.bench_fixed_cost
 	$(PY) -m bench.bench_select
 	$(PY) -m bench.bench_train
+	$(PY) -m bench.bench_ray
 
 clean:
 	rm -rf demo-output demo-data .pytest_cache .mypy_cache .ruff_cache

@@ -40,7 +40,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.artifacts import RunProgress, publish_run, summary_line
 from flows.preflight import apply_credentials, check_output
-from flows.steps import num_workers, step_options
+from flows.steps import step_options
 from flows.streams import Streams, check_model, replace_plan, stream_shards
 from tasks.config import CurateConfig, as_flow_parameters, parse_config
 from tasks.datapool import (
@@ -59,6 +59,7 @@ from tasks.errors import CurateError, redact
 from tasks.export import Exported, RunSummary, export, point_latest, write_report
 from tasks.formats import npy_bytes, read_npy, to_parquet_bytes
 from tasks.keys import PIPELINE_VERSION, artifact_key
+from tasks.resources import check_config
 from tasks.shards import CheckedShard, EmbeddedShard, StepStats, read_manifest
 from tasks.stop import stop_threads_on_sigterm
 from tasks.storage import Storage, open_storage
@@ -176,6 +177,7 @@ def curate(**sections: Any) -> str:
 
 def _locked(sections: dict[str, Any], logger: Any) -> str:
     config = parse_config(sections)  # each section is valid; this checks rules across them
+    check_config(config)  # resources that cannot fit fail before any work
     apply_credentials(config.storage.credentials_secret)
     output = open_storage(config.output)
     check_output(output)
@@ -245,6 +247,7 @@ def _stages(
             )
             write_training_files(output, exported.run, streams, pretag_keys)
             exported.report.update(started_at=started_at, finished_at=_now())
+            exported.report["resources"] = streams.resources_report()
             run_dir = commit_run(
                 config, output, pool, streams, exported, duplicates, picked, run_id, prior_key
             )
@@ -276,7 +279,7 @@ def train_and_pretag(
 
     plan = streams.plan
     assert plan is not None
-    workers = num_workers(config.num_workers)
+    planned = streams.resources  # training and pretagging run in this process
     if config.enable_training and checked:
         started = time.perf_counter()
         title = f"{config.training.method} on {len(checked)} shards"
@@ -291,7 +294,7 @@ def train_and_pretag(
             plan.input_size,
             config.seed,
             str(plan.device),
-            workers,
+            planned["train"].num_proc,
         )
         trained = future.result()
         checkpoint = local_checkpoint(config.output, trained.checkpoint)
@@ -320,7 +323,7 @@ def train_and_pretag(
                     config.embedding.model,
                     plan.input_size,
                     str(plan.device),
-                    workers,
+                    planned["pretag"].num_proc,
                 )
             )
     streams.embed_deferred(checked, pretags)

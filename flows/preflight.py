@@ -14,6 +14,7 @@ from tasks.config import CurateConfig
 from tasks.discover import load_patterns, output_inside
 from tasks.errors import ConfigError, CurateError
 from tasks.naming import is_sample_source
+from tasks.resources import check_config
 from tasks.storage import Storage, open_storage
 from tasks.weights import check_model_name, resolve_weights
 
@@ -62,8 +63,8 @@ def check_output(output: Storage) -> None:
 
 def preflight(config: CurateConfig) -> None:
     """The output is reachable with working credentials, the input holds samples, the
-    named files exist, the output takes writes and lies apart from the input. Model and
-    device are checked when the run first needs them."""
+    named files exist, the output takes writes and lies apart from the input, the declared
+    resources fit. Model and device are checked when the run first needs them."""
     apply_credentials(config.storage.credentials_secret)
     try:
         output = open_storage(config.output)
@@ -86,3 +87,4 @@ def preflight(config: CurateConfig) -> None:
     if config.pretagging.model:
         check_model_name(config.pretagging.model, "pretagging.model")
     resolve_weights(emb.checkpoint, emb.pretrained, config.seed)
+    check_config(config)

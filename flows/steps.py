@@ -13,27 +13,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import platform
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import Task, flow, get_run_logger
 from prefect.futures import PrefectFuture
+from prefect.task_runners import TaskRunner
 from pydantic import BaseModel
 
 from tasks.caching import OutputResults, result_storage
 from tasks.config import CurateConfig
 from tasks.keys import artifact_key, content_key
+from tasks.resources import Ask, asks_of, step_plan
 from tasks.shards import CheckedShard, EmbeddedShard, Shard
 from tasks.stop import stop_threads_on_sigterm
 from tasks.storage import open_storage
 from tasks.weights import Weights
-
-
-def num_workers(setting: int) -> int:
-    """Threads for decoding: -1 means one per vCPU."""
-    return (os.cpu_count() or 1) if setting == -1 else max(1, setting)
 
 
 def step_options(step: str, title: str, results: Path | OutputResults) -> dict[str, Any]:
@@ -57,10 +53,15 @@ class CheckSettings(BaseModel):
     use_frame_count_metadata: bool
     keep_decodable_frames: bool
     chunk: int
-    num_workers: int
+    num_workers: int  # decode threads; -1: planned by the machine that checks
+    ask: Ask = Ask()  # resources.check, for that plan
 
     @classmethod
-    def of(cls, config: CurateConfig, input_size: int) -> CheckSettings:
+    def of(
+        cls, config: CurateConfig, input_size: int, num_proc: int | None = None
+    ) -> CheckSettings:
+        """`num_proc`: this machine's plan; None: the checking machine plans."""
+        ask = asks_of(config)["check"]
         return cls(
             input=config.input,
             output=config.output,
@@ -71,8 +72,17 @@ class CheckSettings(BaseModel):
             use_frame_count_metadata=config.datasource.use_frame_count_metadata,
             keep_decodable_frames=config.corruptness_check.keep_decodable_frames,
             chunk=config.shard_size,
-            num_workers=num_workers(config.num_workers),
+            num_workers=num_proc or ask.num_proc or -1,
+            ask=ask,
         )
+
+    def planned(self) -> CheckSettings:
+        """With the worker count planned on this machine, validated (a step flow on a
+        pool's worker checks its own step against its own machine)."""
+        if self.num_workers > 0 and not self.ask.explicit:
+            return self
+        workers = step_plan("check", self.ask, on_gpu=False).num_proc
+        return self.model_copy(update={"num_workers": workers})
 
 
 class EmbedSettings(BaseModel):
@@ -87,7 +97,15 @@ class EmbedSettings(BaseModel):
     input_size: int
     device: str
     batch_size: int
-    num_workers: int
+    num_workers: int  # loader threads; -1: planned by the machine that embeds
+    ask: Ask = Ask()  # resources.embed, for that plan
+
+    def planned(self, on_gpu: bool) -> EmbedSettings:
+        """As `CheckSettings.planned`, for the embedding machine."""
+        if self.num_workers > 0 and not self.ask.explicit:
+            return self
+        workers = step_plan("embed", self.ask, on_gpu).num_proc
+        return self.model_copy(update={"num_workers": workers})
 
 
 def submit_check(
@@ -95,34 +113,22 @@ def submit_check(
     settings: CheckSettings,
     results: Path | OutputResults,
     wait_for: list[PrefectFuture[Any]] | None = None,
+    runner: TaskRunner[Any] | None = None,
 ) -> PrefectFuture[CheckedShard]:
-    """The check step (with metadata and model inputs) of one shard."""
+    """The check step (with metadata and model inputs) of one shard, on the flow's task
+    runner or on `runner` (a RayTaskRunner)."""
     from tasks.check import check_shard
     from tasks.frames import check_video_shard
 
     s = settings
     options = step_options("check", shard.title, results)
     if shard.kind == "video":
-        return check_video_shard.with_options(**options).submit(  # type: ignore[call-overload, no-any-return]
-            shard,
-            s.input,
-            s.output,
-            s.input_size,
-            s.every_nth_frame,
-            s.use_frame_count_metadata,
-            s.keep_decodable_frames,
-            s.chunk,
-            wait_for=wait_for or [],
-        )
-    return check_shard.with_options(**options).submit(  # type: ignore[call-overload, no-any-return]
-        shard,
-        s.input,
-        s.output,
-        s.max_image_pixels,
-        s.full_check,
-        s.input_size,
-        s.num_workers,
-        wait_for=wait_for or [],
+        video = check_video_shard.with_options(**options)
+        frames = (s.every_nth_frame, s.use_frame_count_metadata, s.keep_decodable_frames, s.chunk)
+        return _submit(video, (shard, s.input, s.output, s.input_size, *frames), wait_for, runner)
+    images = (s.max_image_pixels, s.full_check, s.input_size, s.num_workers)
+    return _submit(
+        check_shard.with_options(**options), (shard, s.input, s.output, *images), wait_for, runner
     )
 
 
@@ -132,6 +138,7 @@ def submit_embed(
     settings: EmbedSettings,
     results: Path | OutputResults,
     wait_for: list[PrefectFuture[Any]] | None = None,
+    runner: TaskRunner[Any] | None = None,
 ) -> PrefectFuture[EmbeddedShard]:
     """The embed step of one shard (`checked`: its check's future or result);
     `settings.device` is resolved here, so the cache key names the device used."""
@@ -139,19 +146,25 @@ def submit_embed(
     from tasks.embed import embed_shard
 
     s = settings
-    return embed_shard.with_options(**step_options("embed", shard.title, results)).submit(  # type: ignore[call-overload, no-any-return]
-        checked,
-        s.input,
-        s.output,
-        s.model,
-        s.weights,
-        s.checkpoint,
-        s.input_size,
-        str(pick_device(s.device)),
-        s.batch_size,
-        s.num_workers,
-        wait_for=wait_for or [],
-    )
+    task = embed_shard.with_options(**step_options("embed", shard.title, results))
+    args = (checked, s.input, s.output, s.model, s.weights, s.checkpoint, s.input_size)
+    more = (str(pick_device(s.device)), s.batch_size, s.num_workers)
+    return _submit(task, (*args, *more), wait_for, runner)
+
+
+def _submit(
+    task: Task[Any, Any],
+    args: tuple[Any, ...],
+    wait_for: list[PrefectFuture[Any]] | None,
+    runner: TaskRunner[Any] | None,
+) -> PrefectFuture[Any]:
+    """`task.submit(*args)` on the flow's task runner, or on `runner`, which Prefect
+    offers the same way (`Task.submit` hands its parameters to the flow's runner)."""
+    if runner is None:
+        return task.submit(*args, wait_for=wait_for or [])
+    from prefect.utilities.callables import get_call_parameters
+
+    return runner.submit(task, get_call_parameters(task.fn, args, {}), wait_for or [])
 
 
 class CheckJob(BaseModel):
@@ -215,11 +228,12 @@ def check(job: CheckJob) -> str:
     """Check a batch of shards (corruptness, metadata, model inputs) on this machine;
     returns the key of their results in the output location."""
     results = result_storage(open_storage(job.settings.output))
+    settings = job.settings.planned()
     # One shard at a time: each check already decodes on every core it is given.
     futures: list[PrefectFuture[Any]] = []
     with stop_threads_on_sigterm():  # a cancelled child stops within one image
         for shard in job.shards:
-            futures.append(submit_check(shard, job.settings, results, wait_for=futures[-1:]))
+            futures.append(submit_check(shard, settings, results, wait_for=futures[-1:]))
         get_run_logger().info("checking %d shards on %s", len(job.shards), platform.node())
         return _finish("check", job, job.settings.output, futures, "cpu")
 
@@ -231,6 +245,7 @@ def embed(job: EmbedJob) -> str:
     from tasks.device import pick_device
 
     device = pick_device(job.settings.device)
+    settings = job.settings.planned(on_gpu=device.type == "cuda")
     get_run_logger().info(
         "embedding %d shards with %s on %s (%s)",
         len(job.shards),
@@ -242,7 +257,5 @@ def embed(job: EmbedJob) -> str:
     futures: list[PrefectFuture[Any]] = []
     with stop_threads_on_sigterm():  # a cancelled child stops within one batch
         for shard, checked in zip(job.shards, job.checked, strict=True):
-            futures.append(
-                submit_embed(shard, checked, job.settings, results, wait_for=futures[-1:])
-            )
+            futures.append(submit_embed(shard, checked, settings, results, wait_for=futures[-1:]))
         return _finish("embed", job, job.settings.output, futures, str(device))

@@ -25,7 +25,6 @@ from flows.steps import (
     EmbedJob,
     EmbedSettings,
     job_result_key,
-    num_workers,
     submit_check,
     submit_embed,
 )
@@ -34,6 +33,7 @@ from tasks.config import CurateConfig
 from tasks.datapool import Datapool
 from tasks.discover import Discovery, discover_shards, load_patterns
 from tasks.errors import CurateError
+from tasks.resources import StepPlan, asks_of, run_plan, this_machine
 from tasks.shards import CheckedShard, EmbeddedShard, Shard, StepStats
 from tasks.storage import Storage, open_storage
 from tasks.weights import Weights, resolve_weights
@@ -54,7 +54,9 @@ class EmbeddingPlan:
     checkpoint: str | None  # the local weights file, when weights come from one
     identity: dict[str, Any]  # what makes embeddings comparable (the datapool's model)
 
-    def embed_settings(self, config: CurateConfig) -> EmbedSettings:
+    def embed_settings(self, config: CurateConfig, num_proc: int | None) -> EmbedSettings:
+        """`num_proc`: this machine's plan; None: the embedding machine plans."""
+        ask = asks_of(config)["embed"]
         return EmbedSettings(
             input=config.input,
             output=config.output,
@@ -64,7 +66,8 @@ class EmbeddingPlan:
             input_size=self.input_size,
             device=self.embed_device,
             batch_size=config.embedding.batch_size,
-            num_workers=num_workers(config.num_workers),
+            num_workers=num_proc or ask.num_proc or -1,
+            ask=ask,
         )
 
 
@@ -103,7 +106,9 @@ def check_model(pool: Datapool, identity: dict[str, Any], output: Storage) -> No
         )
 
 
-def add_result(stats: StepStats, result: Any, cached: bool) -> None:
+def add_result(
+    stats: StepStats, result: Any, cached: bool, batch_sizes: list[int] | None = None
+) -> None:
     """One shard's cost of a step: nothing when it came from the cache."""
     stats.shards += 1
     if cached:
@@ -112,6 +117,9 @@ def add_result(stats: StepStats, result: Any, cached: bool) -> None:
         stats.seconds += result.seconds
         stats.bytes_read += result.bytes_read
         stats.retries += result.retries
+        batch_size: int = getattr(result, "batch_size", 0)  # embeddings have one
+        if batch_sizes is not None and batch_size:
+            batch_sizes.append(batch_size)
 
 
 class Streams:
@@ -129,6 +137,38 @@ class Streams:
         self.shards: list[Shard] = []
         self.trained: Any = None  # tasks.train.TrainedModel when training ran
         self.embed_devices: set[str] = set()
+        self.batch_sizes: list[int] = []  # of the shards embedded by this run
+        self.resources: dict[str, StepPlan] = {}  # the steps planned on this machine
+        self.machine: dict[str, Any] = {}
+
+    def plan_resources(self, logger: logging.Logger) -> None:
+        """Each step's resources on this machine (validated: `auto` never over-asks,
+        and explicit asks were checked before the run), logged and reported."""
+        assert self.plan is not None
+        on_gpu = self.plan.device.type == "cuda"
+        machine = this_machine(with_gpus=on_gpu)
+        here = self.config.orchestration.mode != "pools"
+        self.resources = run_plan(self.config, on_gpu, machine, on_this_machine=here)
+        self.machine = machine.describe()
+        for step, p in self.resources.items():
+            logger.info(
+                "resources: %s: %g CPUs, %g GPUs, %d workers (%.1f GiB each%s)",
+                step,
+                p.num_cpus,
+                p.num_gpus,
+                p.num_proc,
+                p.memory / (1 << 30),
+                "" if p.memory_asked else ", estimated",
+            )
+
+    def workers(self, step: str) -> int | None:
+        """The step's planned worker count here; None where another machine plans it."""
+        planned = self.resources.get(step)
+        return planned.num_proc if planned else None
+
+    def resources_report(self) -> dict[str, Any]:
+        steps = {step: dataclasses.asdict(p) for step, p in self.resources.items()}
+        return {"machine": self.machine, "steps": steps}
 
     @property
     def deferred(self) -> bool:
@@ -148,7 +188,14 @@ class Streams:
             "weights": self.plan.weights.describe(),
             "input_size": self.plan.input_size,
             "device": ", ".join(sorted(self.embed_devices)) or self.plan.embed_device,
+            # the smallest any shard ran with: below embedding.batch_size after a CUDA
+            # out-of-memory (cached shards ran earlier and say nothing)
+            "batch_size": min(self.batch_sizes, default=config.embedding.batch_size),
         }
+
+    def embed_settings(self) -> EmbedSettings:
+        assert self.plan is not None
+        return self.plan.embed_settings(self.config, self.workers("embed"))
 
     # What each way of running does.
 
@@ -189,19 +236,33 @@ class LocalStreams(Streams):
     def add(self, shard: Shard) -> None:
         plan = self.plan
         assert plan is not None
-        # On a GPU, checking shard i+1 (CPU) overlaps embedding shard i. On a CPU both
-        # want every core, and torch's threads slow down badly when decoding threads
-        # preempt them, so there each shard's check waits for the previous embedding.
-        overlap = plan.device.type == "cuda"
-        wait_for: list[PrefectFuture[Any]] = [] if overlap else self.embeds[-1:]
-        settings = CheckSettings.of(self.config, plan.input_size)
-        checked = submit_check(shard, settings, self.results, wait_for)
+        settings = CheckSettings.of(self.config, plan.input_size, self.workers("check"))
+        checked = self.submit_check(shard, settings, self.check_waits_for())
         self.checks.append(checked)
         self.shards.append(shard)
         if not self.deferred:
-            self.embeds.append(
-                submit_embed(shard, checked, plan.embed_settings(self.config), self.results)
-            )
+            self.embeds.append(self.submit_embed(shard, checked, self.embed_settings(), []))
+
+    def check_waits_for(self) -> list[PrefectFuture[Any]]:
+        """On a GPU, checking shard i+1 (CPU) overlaps embedding shard i. On a CPU both
+        want every core, and torch's threads slow down badly when decoding threads
+        preempt them, so there each shard's check waits for the previous embedding."""
+        assert self.plan is not None
+        return [] if self.plan.device.type == "cuda" else self.embeds[-1:]
+
+    def submit_check(
+        self, shard: Shard, settings: CheckSettings, wait_for: list[PrefectFuture[Any]]
+    ) -> PrefectFuture[CheckedShard]:
+        return submit_check(shard, settings, self.results, wait_for)
+
+    def submit_embed(
+        self,
+        shard: Shard,
+        checked: Any,
+        settings: EmbedSettings,
+        wait_for: list[PrefectFuture[Any]],
+    ) -> PrefectFuture[EmbeddedShard]:
+        return submit_embed(shard, checked, settings, self.results, wait_for)
 
     def _finished(self) -> int:
         """Step runs finished so far (asked without an API call)."""
@@ -226,11 +287,10 @@ class LocalStreams(Streams):
         return checked
 
     def embed_deferred(self, checked: list[CheckedShard], before: list[PrefectFuture[Any]]) -> None:
-        assert self.plan is not None
-        settings = self.plan.embed_settings(self.config)
+        settings = self.embed_settings()
         for i, (shard, check) in enumerate(zip(self.shards, checked, strict=True)):
             wait = before[i : i + 1]  # the shard's pretagging reads the inputs embed deletes
-            self.embeds.append(submit_embed(shard, check, settings, self.results, wait))
+            self.embeds.append(self.submit_embed(shard, check, settings, wait))
 
     def collect_embeddings(self, steps: dict[str, StepStats]) -> list[EmbeddedShard]:
         return self._collect("embed", self.embeds, steps.setdefault("embed", StepStats()))
@@ -240,7 +300,7 @@ class LocalStreams(Streams):
         results = []
         for future in futures:
             result = future.result()
-            add_result(stats, result, cached=future.state.name == "Cached")
+            add_result(stats, result, future.state.name == "Cached", self.batch_sizes)
             results.append(result)
             # check counts objects (a video is one), embed counts samples (its frames)
             samples = self.found.shards[len(results) - 1].count if step == "check" else result.count
@@ -298,9 +358,7 @@ class PooledStreams(Streams):
 
     def _dispatch_embeds(self, shards: list[Shard], checked: list[CheckedShard]) -> None:
         assert self.plan is not None
-        job = EmbedJob(
-            shards=shards, checked=checked, settings=self.plan.embed_settings(self.config)
-        )
+        job = EmbedJob(shards=shards, checked=checked, settings=self.embed_settings())
         self._submit("embed", f"embed/{self.settings.gpu_pool}", job, self._embeds_done)
 
     def _embeds_done(self, child: Child, report: dict[str, Any]) -> None:
@@ -319,7 +377,7 @@ class PooledStreams(Streams):
         ordered = []
         for shard in self.shards:
             result, cached = results[shard.index]
-            add_result(stats, result, cached)
+            add_result(stats, result, cached, self.batch_sizes)
             ordered.append(result)
         return ordered
 
@@ -369,6 +427,10 @@ def stream_shards(
     streams: Streams
     if config.orchestration.mode == "pools":
         streams = PooledStreams(config, found, progress, output, logger=logger)
+    elif config.orchestration.mode == "ray":
+        from flows.on_ray import RayStreams  # imports Ray only when asked
+
+        streams = RayStreams(config, found, progress, output)
     else:
         streams = LocalStreams(config, found, progress, output)
     is_known = None if config.datasource.process_all else pool.is_known
@@ -376,6 +438,7 @@ def stream_shards(
         for shard in discover_shards(source, output, config.shard_size, patterns, found, is_known):
             if streams.plan is None:
                 streams.plan = first_shard_plan(config, pool, output, logger)
+                streams.plan_resources(logger)
             streams.add(shard)
             progress.listed_shard(shard.count)
         streams.listed()

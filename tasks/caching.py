@@ -16,7 +16,7 @@ import functools
 import hashlib
 import inspect
 from collections.abc import Callable
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -121,6 +121,17 @@ def current_step_key() -> str:
     return _current_key.get()
 
 
+# The step wrapper reaches the context variable through these: a task sent to another
+# process (Ray) carries its wrapper pickled by value, and a ContextVar cannot be pickled,
+# while module functions travel by reference.
+def _enter_step(key: str) -> Token[str]:
+    return _current_key.set(key)
+
+
+def _leave_step(token: Token[str]) -> None:
+    _current_key.reset(token)
+
+
 def _as_step(name: str, fn: Callable[P, R]) -> Callable[P, R]:
     """`fn` with its cache key in `current_step_key`, a log line of what it did (the
     result's `summary`, when it has one) and its freed memory given back."""
@@ -130,11 +141,11 @@ def _as_step(name: str, fn: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        token = _current_key.set(step_key(name, dict(bound.arguments)))
+        token = _enter_step(step_key(name, dict(bound.arguments)))
         try:
             result = fn(*args, **kwargs)
         finally:
-            _current_key.reset(token)
+            _leave_step(token)
             release_memory()
         summary = getattr(result, "summary", None)
         if summary:

@@ -335,12 +335,87 @@ class Pretagging(_Section):
     )
 
 
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_MEMORY_PATTERN = r"^(auto|\s*\d+(\.\d+)?\s*([kKmMgGtT]i?[bB]?|[bB])?\s*)$"
+
+
+def parse_memory(value: str) -> int:
+    """Bytes from `2GiB`, `512MB`, `1.5G` or a plain number (powers of 1024 for `Ki`...,
+    of 1000 for `KB`...; a bare `G` is GiB, as Kubernetes and Ray users write it)."""
+    match = _MEMORY.match(value)
+    if not match:
+        raise ValueError(f"{value!r} is not an amount of memory (e.g. 4GiB, 512MB, 2000000000)")
+    number, unit = float(match.group(1)), (match.group(2) or "b").lower()
+    powers = {"k": 1, "m": 2, "g": 3, "t": 4}
+    if unit == "b":
+        return int(number)
+    base = 1000 if unit.endswith("b") and not unit.endswith("ib") else 1024
+    return int(number * base ** powers[unit[0]])
+
+
+class StepResources(_Section):
+    """What one task of a step asks for; `auto` (every key's default) is planned from the
+    machine and never over-asks."""
+
+    num_cpus: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
+        description="CPUs one task of the step uses (Ray's request; fractions allowed). auto: an "
+        "even share of the usable CPUs (cgroup quota and affinity respected) that the steps "
+        "running at the same time leave.",
+    )
+    num_gpus: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
+        description="GPUs one task of the step uses; a fraction below 1 shares a GPU (0.25: four "
+        "tasks per GPU). auto: one GPU when the step computes on one (a share when steps "
+        "running at the same time do), else 0.",
+    )
+    memory: Annotated[int, Field(gt=0)] | Annotated[str, Field(pattern=_MEMORY_PATTERN)] = Field(
+        "auto",
+        description="Memory one worker of the step needs (4GiB, 512MB or bytes): a hint that "
+        "decides how many workers fit, and Ray's request (times num_proc). auto: no request; "
+        "workers are capped at a safe share (80%) of the free memory (cgroup limit respected).",
+    )
+    num_proc: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
+        "auto",
+        description="Workers of one task: decode threads (check), loader threads (embed, train, "
+        "pretag). auto: num_workers when set, else one per CPU of the step (every usable CPU "
+        "while num_cpus is auto), no more than its memory allows.",
+    )
+
+    @field_validator("memory", mode="after")
+    @classmethod
+    def _bytes(cls, value: int | str) -> int | str:
+        return value if isinstance(value, int) or value == "auto" else parse_memory(value)
+
+
+class Resources(_Section):
+    """Each step's resources (as Data-Juicer's operators declare them); see README
+    "Resources"."""
+
+    check: StepResources = Field(
+        StepResources(), description="The corruptness check, metadata and model inputs (CPU)."
+    )
+    embed: StepResources = Field(
+        StepResources(), description="Embedding (the GPU when there is one)."
+    )
+    train: StepResources = Field(StepResources(), description="Self-supervised training.")
+    pretag: StepResources = Field(StepResources(), description="Pretagging with a classifier.")
+
+
 class Orchestration(_Section):
-    mode: Literal["local", "pools"] = Field(
+    mode: Literal["local", "pools", "ray"] = Field(
         "local",
         description="`local`: every step in this run's process. `pools`: checks run as "
         "`check` flow runs on the CPU pool's workers, embeddings as `embed` flow runs on the "
-        "GPU pool's (prefect.yaml deploys both); results pass through the output location.",
+        "GPU pool's (prefect.yaml deploys both); results pass through the output location. "
+        "`ray`: check and embed shard tasks run on Ray (prefect-ray's RayTaskRunner), each "
+        "asking for its step's resources.* (a local Ray unless ray_address is set).",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="With mode=ray, an existing Ray cluster (`ray://head:10001`, or `auto` for "
+        "the one this machine joined); unset: a Ray started for the run on this machine and "
+        "stopped after it. A cluster's workers need PREFECT_API_URL and a bucket output.",
     )
     cpu_pool: str = Field(
         "curate-cpu", min_length=1, description="The pool whose `check/<pool>` deployment checks."
@@ -433,7 +508,16 @@ class CurateConfig(_Section):
         description="Images per Prefect task run; video frames are embedded in chunks of "
         "this many.",
     )
-    num_workers: int = Field(-1, ge=-1, description="Decode threads; -1: one per vCPU.")
+    num_workers: int = Field(
+        -1,
+        ge=-1,
+        description="Decode and loader threads of every step: an alias of "
+        "resources.<step>.num_proc for each step that leaves it auto; -1: auto.",
+    )
+    resources: Resources = Field(
+        Resources(),
+        description="CPUs, GPUs, memory and workers of each step, checked before any work.",
+    )
     orchestration: Orchestration = Field(
         Orchestration(), description="Where the steps run: this process or work pools."
     )

@@ -64,4 +64,5 @@ def embed_shard(
         bytes_read=source.bytes_read,
         seconds=time.perf_counter() - started,
         retries=source.retries + output.retries,
+        batch_size=embedder.batch_size_used(batch_size),
     )

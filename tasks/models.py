@@ -5,6 +5,7 @@ checkpoint or seeded random), and a per-process cache of embedders.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,29 @@ def build_model(
     return model
 
 
+def halving_on_oom(count: int, batch_size: int, run: Callable[[int, int], None], what: str) -> int:
+    """`run(start, stop)` over `[0, count)` in batches of `batch_size`. A CUDA
+    out-of-memory halves the batch and runs it again (down to 1) instead of failing
+    the run: a GPU shared with other work, or a larger model than the batch was sized
+    for, still finishes. Returns the batch size that fit."""
+    start = 0
+    while start < count:
+        stop = min(count, start + batch_size)
+        try:
+            run(start, stop)
+        except torch.cuda.OutOfMemoryError:
+            if stop - start == 1:
+                raise CurateError(
+                    f"{what}: CUDA out of memory with a batch of 1; use a smaller model or "
+                    "input size, another GPU, or embedding.device=cpu"
+                ) from None
+            batch_size = (stop - start) // 2
+            torch.cuda.empty_cache()
+            continue
+        start = stop
+    return batch_size
+
+
 class Embedder:
     """A model plus its input normalisation; `embed` takes uint8 HxWx3 batches."""
 
@@ -94,24 +118,35 @@ class Embedder:
         # One forward at a time per process: concurrent shards share the model and the
         # cores/GPU instead of fighting over them.
         self.lock = threading.Lock()
+        # The largest batch known to fit after a CUDA out-of-memory (None: none seen):
+        # later shards start there instead of running out of memory again.
+        self.batch_size: int | None = None
 
     @torch.inference_mode()
     def embed(self, images: np.ndarray, batch_size: int) -> np.ndarray:
         out = np.empty((len(images), self.dim), dtype=np.float32)
         use_amp = self.device.type == "cuda"
-        for start in range(0, len(images), batch_size):
+
+        def run(start: int, stop: int) -> None:
             raise_if_stopped()
-            batch = torch.from_numpy(images[start : start + batch_size]).to(
-                self.device, non_blocking=True
-            )
+            batch = torch.from_numpy(images[start:stop]).to(self.device, non_blocking=True)
             x = (batch.permute(0, 3, 1, 2).float() - self.mean) / self.std
             if use_amp:
                 x = x.contiguous(memory_format=torch.channels_last)
             with self.lock, torch.autocast(self.device.type, enabled=use_amp):
                 features = self.model(x).float()
             features = torch.nn.functional.normalize(features, dim=1)
-            out[start : start + len(batch)] = features.cpu().numpy()
+            out[start:stop] = features.cpu().numpy()
+
+        size = min(batch_size, self.batch_size or batch_size)
+        fitted = halving_on_oom(len(images), size, run, "embedding")
+        if fitted < size:
+            self.batch_size = fitted
         return out
+
+    def batch_size_used(self, batch_size: int) -> int:
+        """The batch size embeddings run with: the configured one, or what fitted."""
+        return min(batch_size, self.batch_size or batch_size)
 
 
 _embedders: dict[tuple[str, str, str], Embedder] = {}

@@ -28,7 +28,7 @@ from tasks.errors import CurateError
 from tasks.formats import read_parquet_bytes
 from tasks.inputs import shard_inputs
 from tasks.keys import artifact_key
-from tasks.models import check_model_name
+from tasks.models import check_model_name, halving_on_oom
 from tasks.predictions import predictions_bytes, predictions_frame, read_predictions
 from tasks.shards import CheckedShard
 from tasks.stop import raise_if_stopped
@@ -131,13 +131,16 @@ class Classifier:
     def predict(self, images: np.ndarray, batch_size: int) -> np.ndarray:
         out = np.empty((len(images), len(self.class_names)), dtype=np.float32)
         use_amp = self.device.type == "cuda"
-        for start in range(0, len(images), batch_size):
+
+        def run(start: int, stop: int) -> None:
             raise_if_stopped()
-            batch = torch.from_numpy(images[start : start + batch_size]).to(self.device)
+            batch = torch.from_numpy(images[start:stop]).to(self.device)
             x = (batch.permute(0, 3, 1, 2).float() - self.mean) / self.std
             with torch.autocast(self.device.type, enabled=use_amp):
                 logits = self.model(x).float()
-            out[start : start + len(batch)] = logits.softmax(dim=1).cpu().numpy()
+            out[start:stop] = logits.softmax(dim=1).cpu().numpy()
+
+        halving_on_oom(len(images), batch_size, run, "pretagging")
         return out
 
 

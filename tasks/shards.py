@@ -80,11 +80,13 @@ class EmbeddedShard:
     bytes_read: int
     seconds: float
     retries: int = 0
+    batch_size: int = 0  # what the forward passes ran with (halved after an out-of-memory)
 
     @property
     def summary(self) -> str:
         rate = self.count / self.seconds if self.seconds else 0.0
-        return f"embedded {self.count} samples in {self.seconds:.2f} s ({rate:.0f}/s)"
+        batch = f", batch {self.batch_size}" if self.batch_size else ""
+        return f"embedded {self.count} samples in {self.seconds:.2f} s ({rate:.0f}/s{batch})"
 
 
 @dataclass

@@ -508,7 +508,15 @@ def train_step(
         if artifact is not None:
             update_progress_artifact(artifact, 100.0 * p.epoch / p.epochs)  # type: ignore[arg-type]
 
-    trained = train(data, model, training, seed, pick_device(device), report)
+    try:
+        trained = train(data, model, training, seed, pick_device(device), report)
+    except torch.cuda.OutOfMemoryError:
+        # Not halved and retried as embedding is: the batch size is a training
+        # hyperparameter (the learning rate scales with it), the user's to change.
+        raise CurateError(
+            f"training: CUDA out of memory at training.batch_size={training.batch_size}; "
+            "set a smaller training.batch_size or training.input_size"
+        ) from None
     checkpoint_key = artifact_key("train", key, ".safetensors")
     summary_key = artifact_key("train", key, ".json")
     output.write(checkpoint_key, checkpoint_bytes(trained))

@@ -157,14 +157,6 @@ def test_corruptness_check_off_still_flags_unreadable_files(demo_folder, run_cur
     assert json.loads((run.path / "report.json").read_text())["counts"]["selected"] == 5
 
 
-def test_num_workers_setting_is_honoured():
-    from flows.steps import num_workers
-
-    assert num_workers(3) == 3
-    assert num_workers(-1) >= 1
-    assert num_workers(0) == 1
-
-
 def test_enable_training_embeds_with_the_trained_checkpoint_and_a_rerun_takes_it_from_the_cache(
     digits_folder, run_curate, tmp_path
 ):

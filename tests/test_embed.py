@@ -168,3 +168,74 @@ def test_timm_model_names_read_from_source_are_timms_own_list() -> None:
     from tasks.weights import timm_model_names
 
     assert timm_model_names() == set(timm.list_models())
+
+
+class OutOfMemoryAbove(torch.nn.Module):
+    """A real model that runs out of CUDA memory above `limit` images a batch, as a GPU
+    shared with other work would; it records the batch sizes it was given."""
+
+    def __init__(self, model: torch.nn.Module, limit: int) -> None:
+        super().__init__()
+        self.model, self.limit, self.sizes = model, limit, []
+        self.num_features = model.num_features
+        self.pretrained_cfg = model.pretrained_cfg  # the normalisation Embedder reads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(len(x))
+        if len(x) > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.model(x)
+
+
+def test_cuda_out_of_memory_halves_the_batch_and_gives_the_unwrapped_models_embeddings() -> None:
+    model = _random_model(0)
+    images = _images(11)
+    wrapped = OutOfMemoryAbove(model, limit=3)
+    embedder = Embedder(wrapped, CPU)
+    embeddings = embedder.embed(images, batch_size=8)
+    np.testing.assert_allclose(embeddings, Embedder(model, CPU).embed(images, 8), atol=1e-5)
+    # 8 ran out, 4 ran out, then batches of 2 (and the last image alone)
+    assert wrapped.sizes == [8, 4, 2, 2, 2, 2, 2, 1]
+    assert embedder.batch_size_used(8) == 2
+    wrapped.sizes.clear()
+    embedder.embed(images[:4], batch_size=8)  # the next shard starts at what fitted
+    assert wrapped.sizes == [2, 2]
+
+
+def test_out_of_memory_with_a_batch_of_one_is_a_clear_error() -> None:
+    embedder = Embedder(OutOfMemoryAbove(_random_model(0), limit=0), CPU)
+    with pytest.raises(CurateError, match="embedding: CUDA out of memory with a batch of 1"):
+        embedder.embed(_images(3), batch_size=2)
+
+
+def test_a_run_that_runs_out_of_gpu_memory_finishes_and_reports_the_batch_it_used(
+    demo_folder, run_curate, tmp_path
+) -> None:
+    from tasks.models import _embedders
+
+    # The run's own embedder (resnet18, seed 11, CPU), its model wrapped.
+    seed = 11
+    model = build_model("resnet18", Weights("random", str(seed)), None, CPU)
+    _embedders[("resnet18", str(seed), "cpu")] = Embedder(OutOfMemoryAbove(model, 5), CPU)
+    folder, _ = demo_folder
+    args = (f"input={folder}", "stopping_condition.n_samples=3", "embedding.input_size=32")
+    try:
+        run = run_curate(
+            *args, f"output={tmp_path / 'oom'}", f"seed={seed}", "embedding.batch_size=16"
+        )
+    finally:
+        del _embedders[("resnet18", str(seed), "cpu")]
+    assert run.report["embedding"]["batch_size"] == 4
+    plain = run_curate(
+        *args, f"output={tmp_path / 'plain'}", f"seed={seed}", "embedding.batch_size=16"
+    )
+    assert plain.report["embedding"]["batch_size"] == 16
+    assert run.names("selected") == plain.names("selected")
+    a = (run.path / "data/embeddings.csv").read_text().splitlines()
+    b = (plain.path / "data/embeddings.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in a] == [row.split(",")[0] for row in b]
+    np.testing.assert_allclose(
+        np.loadtxt(a[1:], delimiter=",", usecols=range(1, 513), dtype=np.float32),
+        np.loadtxt(b[1:], delimiter=",", usecols=range(1, 513), dtype=np.float32),
+        atol=1e-4,
+    )
