@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 from tasks.errors import CurateError
+from tasks.monitor import reading
 from tasks.storage import ObjectInfo, Storage, open_ranges
 
 # Remote reads are latency-bound: many in flight hide the round trips.
@@ -58,12 +59,14 @@ class _BucketStorage(Storage):
     def read_range(self, key: str, start: int, end: int) -> bytes:
         if end <= start:
             return b""
-        data = self._read_range(key, start, end)
+        with reading():
+            data = self._read_range(key, start, end)
         self._count(len(data))
         return data
 
     def read(self, key: str) -> bytes:
-        data = self._read(key)
+        with reading():
+            data = self._read(key)
         self._count(len(data))
         return data
 
