@@ -183,9 +183,13 @@ class S3Storage(_BucketStorage):
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         token: dict[str, Any] = {}  # boto3 keyword arguments of the next page
         while True:
-            page = self._call(
-                "list_objects_v2", Prefix=self._list_prefix(prefix), MaxKeys=LIST_PAGE_SIZE, **token
-            )
+            with reading():  # a listing page is a read for the monitor too
+                page = self._call(
+                    "list_objects_v2",
+                    Prefix=self._list_prefix(prefix),
+                    MaxKeys=LIST_PAGE_SIZE,
+                    **token,
+                )
             for item in page.get("Contents", []):
                 if not item["Key"].endswith("/"):  # folder placeholders
                     yield ObjectInfo(
@@ -395,7 +399,8 @@ class GCSStorage(_FsspecStorage):
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         token: dict[str, str] = {}
         while True:
-            page = self._op(None, functools.partial(self._page, prefix, token))
+            with reading():
+                page = self._op(None, functools.partial(self._page, prefix, token))
             for item in page.get("items", []):
                 if not item["name"].endswith("/"):
                     yield ObjectInfo(
@@ -459,7 +464,8 @@ class AzureStorage(_FsspecStorage):
         pages = sync(self.fs.loop, self._pages, self._list_prefix(prefix))
         while True:
             try:
-                blobs = self._retrying(lambda: sync(self.fs.loop, _next_page, pages), self.url)
+                with reading():
+                    blobs = self._retrying(lambda: sync(self.fs.loop, _next_page, pages), self.url)
             except FileNotFoundError:
                 raise CurateError(f"az://{self.bucket}: no such container") from None
             if blobs is None:

@@ -331,7 +331,9 @@ class Monitor:
                 step.seen += span
                 if span > 0:
                     active[name] = span
-            weight = sum(active.values())
+            # Shared CPU is taken as spread evenly over the interval: a step active for
+            # part of it gets that part (overlapping steps split it).
+            weight = max(elapsed, sum(active.values()))
             for name, span in active.items():
                 step = self._steps[name]
                 step.cpu_seconds += shared_cpu * span / weight
@@ -391,13 +393,18 @@ class Monitor:
         }
 
 
-def verdict(figures: dict[str, Any] | None, cached: bool = False) -> tuple[str, str]:
-    """(verdict, why) from a step's figures: `GPU-bound`, `CPU-bound` or `I/O-bound`, or
-    `cached` / `not measured` when the step did no work in this process."""
+def verdict(
+    figures: dict[str, Any] | None, cached: bool = False, idle: bool = False
+) -> tuple[str, str]:
+    """(verdict, why) from a step's figures: `GPU-bound`, `CPU-bound` or `I/O-bound`; or,
+    without figures, `cached`, `idle` (nothing to do) or `not measured` (it ran in
+    another process: the work pools' workers)."""
     if figures is None:
         if cached:
             return "cached", "every shard came from the cache: no work to judge"
-        return "not measured", "did not run in this process (work pools) or did no work"
+        if idle:
+            return "idle", "nothing to do in this run"
+        return "not measured", "ran outside this process (on a work pool's workers)"
     cores = figures["cores"]
     busy = figures["cpu_percent"] / 100
     demand = busy + figures["cpu_wait_percent"] / 100  # cores running or wanting to run
@@ -436,7 +443,8 @@ def judge(report: dict[str, Any], monitor: Monitor, names: list[str] | None = No
             continue
         figures = monitor.figures(name)
         cached = step.get("shards", 0) > 0 and step.get("cached_shards") == step.get("shards")
-        step["verdict"], step["why"] = verdict(figures, cached)
+        idle = step.get("seconds", 0.0) < 0.01
+        step["verdict"], step["why"] = verdict(figures, cached, idle)
         if figures is not None:
             step["monitor"] = figures
 

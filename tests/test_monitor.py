@@ -10,6 +10,7 @@ its check or embed is CPU-bound.
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import threading
 import time
@@ -88,6 +89,7 @@ def test_nothing_is_recorded_outside_a_monitored_run_or_when_disabled():
     assert off.figures("fetch") is None
     _io_step(0.1)  # no monitor at all: a no-op
     assert verdict(None, cached=True)[0] == "cached"
+    assert verdict(None, idle=True)[0] == "idle"
     assert verdict(None)[0] == "not measured"
 
 
@@ -131,7 +133,14 @@ def test_a_run_reports_a_verdict_per_step_and_a_local_run_is_cpu_bound(
     assert report["report_reads"]["verdict"]
     # The report a person reads and the Prefect summary show the verdicts too.
     page = (run.path / "report.html").read_text()
-    assert steps["check"]["verdict"] in page and steps["check"]["why"] in page
+    assert "<h2>Bottlenecks</h2>" in page and html.escape(steps["check"]["why"]) in page
+    from prefect.artifacts import Artifact
+
+    from flows.artifacts import artifact_key
+
+    summary = Artifact.get(artifact_key("summary", str(tmp_path)))
+    assert summary is not None and report["run_id"] in summary.data
+    assert f"| {steps['check']['verdict']} | {steps['check']['why']} |" in summary.data
     # A rerun takes every shard from the cache, and says so.
     rerun = run_curate(
         f"input={photo_folder}",
