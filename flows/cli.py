@@ -127,7 +127,11 @@ def _recommend(args: list[str], as_json: bool) -> int:
     else:
         workload = recommend.survey(open_storage(config.input), config.every_nth_frame)
     result = recommend.recommend(
-        workload, plan, recommend.load_throughputs(), recommend.this_machine()
+        workload,
+        plan,
+        recommend.load_throughputs(),
+        recommend.this_machine(),
+        recommend.cpu_share(),
     )
     print(json.dumps(result.as_json(), indent=2) if as_json else recommend.render(result))
     return 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -154,23 +155,29 @@ def machine_for(frames: int) -> Machine:
     return Machine(vcpus, ram, gpus, gpu, vram, why)
 
 
-def _embed_rate(
-    table: dict[str, Any], device: str, model: str, size: int, cores: int, notes: list[str]
-) -> float:
-    """Images per second embedding `model` at `size` px: measured, else scaled from the
-    nearest measured size of the model (cost grows with pixels), else from resnet18."""
-    measured: dict[str, dict[str, float]] = table["embed"].get(device, {})
-    if not measured:
-        raise KeyError(device)
+def _measured(
+    table: dict[str, Any], device: str, model: str, size: int, notes: list[str]
+) -> tuple[dict[str, float], float]:
+    """The embedding measurement of `model` nearest to `size` px (else resnet18's), and
+    the factor its per-image cost grows by at `size` (with the pixels)."""
+    measured: dict[str, dict[str, float]] = table["embed"][device]
     candidates = {k: v for k, v in measured.items() if k.split("@")[0] == model}
     if not candidates:
         notes.append(f"{model} was not measured on {device}: resnet18's speed is assumed")
         candidates = {k: v for k, v in measured.items() if k.split("@")[0] == "resnet18"}
     key = min(candidates, key=lambda k: abs(math.log(int(k.split("@")[1]) / size)))
-    entry = candidates[key]
-    rate = entry["images_per_second"] * (int(key.split("@")[1]) / size) ** 2
-    if int(key.split("@")[1]) != size:
+    measured_size = int(key.split("@")[1])
+    if measured_size != size:
         notes.append(f"embedding at {size} px scaled from {key} by pixels")
+    return candidates[key], (size / measured_size) ** 2
+
+
+def _embed_rate(
+    table: dict[str, Any], device: str, model: str, size: int, cores: int, notes: list[str]
+) -> float:
+    """Images per second embedding `model` at `size` px (on a CPU, with `cores`)."""
+    entry, factor = _measured(table, device, model, size, notes)
+    rate = entry["images_per_second"] / factor
     if device == "cpu":
         rate *= cores / entry["cores"]
     return float(rate)
@@ -184,15 +191,28 @@ def _train_rate(table: dict[str, Any], device: str, size: int, cores: int) -> fl
     return float(rate * (cores / entry["cores"] if device == "cpu" else 1.0))
 
 
+def cpu_share(seconds: float = 0.5) -> float:
+    """The share of one core a busy thread gets here, now: 1.0 on an idle machine, less
+    on one shared with other work (as the machines the throughputs were measured on may
+    be). The bench records it with its figures; an estimate for this machine scales its
+    CPU work by the two's ratio."""
+    wall, cpu = time.perf_counter(), time.thread_time()
+    while time.perf_counter() - wall < seconds:
+        sum(range(1000))
+    return min(1.0, (time.thread_time() - cpu) / (time.perf_counter() - wall))
+
+
 def estimate(
     workload: Workload,
     plan: Plan,
     machine: Machine,
     table: dict[str, Any],
     use_gpu: bool = True,
+    slowdown: float = 1.0,
 ) -> Estimate:
     """Seconds of a run of `plan` over `workload` on `machine` (its GPU when `use_gpu`
-    and it has one measured in `table`)."""
+    and it has one measured in `table`); `slowdown` stretches the CPU's work (a machine
+    busier now than when the throughputs were measured)."""
     notes: list[str] = []
     device = "cuda" if use_gpu and machine.gpus and table["embed"].get("cuda") else "cpu"
     if use_gpu and machine.gpus and device == "cpu":
@@ -222,6 +242,13 @@ def estimate(
     steps["select"] = n * plan.picks(n) * table["select"]["seconds_per_sample_and_pick"]
     steps["other steps"] = rest["seconds_per_sample"] * n
     steps["fixed"] = rest["fixed_seconds"]
+    if slowdown != 1.0:
+        on_gpu = ("embed", "train", "pretag") if device == "cuda" else ()
+        steps = {k: v if k in on_gpu else v * slowdown for k, v in steps.items()}
+        notes.append(
+            f"this machine's CPU is {'busier' if slowdown > 1 else 'less busy'} now than "
+            f"when the throughputs were measured: CPU work x {slowdown:.2f}"
+        )
     overlapped = device == "cuda" and not plan.training and not plan.pretagging
     total = sum(steps.values())
     if overlapped:  # check and embed stream side by side
@@ -247,8 +274,8 @@ def _settings(
     ]
     settings: dict[str, Any] = {"num_workers": -1, "embedding.input_size": estimate.input_size}
     if estimate.device == "cuda":
-        per_image = table["embed"]["cuda"].get("bytes_per_image_at_224", 40e6)
-        scaled = per_image * (estimate.input_size / 224) ** 2
+        entry, factor = _measured(table, "cuda", plan.model, estimate.input_size, [])
+        scaled = entry["bytes_per_image"] * factor
         batch = 2 ** int(math.log2(max(1, 0.5 * machine.vram_gb * 1e9 / scaled)))
         settings["embedding.batch_size"] = max(32, min(1024, batch))
         reasons.append(
@@ -283,15 +310,24 @@ def _settings(
 
 
 def recommend(
-    workload: Workload, plan: Plan, table: dict[str, Any], here: Machine
+    workload: Workload,
+    plan: Plan,
+    table: dict[str, Any],
+    here: Machine,
+    share_here: float | None = None,
 ) -> Recommendation:
     """The machine for `workload` (the seed's table), its settings, and estimates on it,
-    on it without a GPU, and on this machine (`here`)."""
+    on it without a GPU, and on this machine (`here`, where a busy thread gets
+    `share_here` of a core now: see `cpu_share`)."""
     machine = machine_for(workload.frames)
+    measured_share = table.get("measured_on", {}).get("cpu_share")
+    slowdown = 1.0
+    if share_here and measured_share:
+        slowdown = min(20.0, max(0.05, measured_share / share_here))
     estimates = {
         "recommended": estimate(workload, plan, machine, table),
         "cpu_only": estimate(workload, plan, replace(machine, gpus=0), table, use_gpu=False),
-        "here": estimate(workload, plan, here, table),
+        "here": estimate(workload, plan, here, table, slowdown=slowdown),
     }
     settings, reasons = _settings(machine, plan, table, estimates["recommended"])
     reasons.insert(0, machine.why)

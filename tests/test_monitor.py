@@ -116,7 +116,9 @@ def photo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_a_run_reports_a_verdict_per_step_and_a_local_run_is_cpu_bound(
     run_curate, photo_folder, tmp_path
 ):
-    run = run_curate(f"input={photo_folder}", f"output={tmp_path}", "stopping_condition.n_samples=20")
+    run = run_curate(
+        f"input={photo_folder}", f"output={tmp_path}", "stopping_condition.n_samples=20"
+    )
     report = run.report
     steps = report["steps"]
     for name in ("discover", "check", "dedup", "embed", "select", "export"):
