@@ -199,9 +199,9 @@ class Monitor:
         self._proc = os.path.isdir("/proc/self/task")
         self._last_cpu: dict[str, tuple[float, float]] = {}
         self._last_total = 0.0
-        self._last_children: dict[int, float] = {}
         self._foreign: set[int] = set()  # children that predate the run (servers)
         self._last_at = 0.0
+        self._sampler = ""  # the sampler thread's native id
 
     # Lifecycle.
 
@@ -226,6 +226,7 @@ class Monitor:
             self._gpu.close()
 
     def _run(self) -> None:
+        self._sampler = str(threading.get_native_id())
         with self._sampling:
             spent = time.thread_time()
             self._gpu = _Gpu()  # NVML's start costs tens of ms: off the run's thread
@@ -299,7 +300,6 @@ class Monitor:
 
     def _sample(self) -> None:
         now = time.perf_counter()
-        me = str(threading.get_native_id())
         own, reaped = _stat_cpu("/proc/self/stat")
         tids = os.listdir("/proc/self/task")
         children = {
@@ -310,7 +310,7 @@ class Monitor:
         with self._lock:  # `own` reads and credits threads too: not at the same time
             for tid in tids:
                 usage = _schedstat(f"/proc/self/task/{tid}/schedstat")
-                if tid == me:  # the sampler: its cost is the overhead, no step's
+                if tid == self._sampler:  # its cost is the overhead, no step's
                     self._counted += usage[0] - self._last_cpu.get(tid, (0.0, 0.0))[0]
                     self._last_cpu[tid] = usage
                     continue

@@ -146,9 +146,9 @@ def machine_for(frames: int) -> Machine:
     gpu = "one NVIDIA T4 (16 GB)"
     if gpus > 1:
         gpu = f"{vram} GB of VRAM: {gpus} T4s or one larger GPU"
-    tier = f"up to {limit:,} frames" if limit is not None else f"more than {TIERS[-2][0]:,} frames"
+    tier = f"up to {limit:,}" if limit is not None else f"more than {TIERS[-2][0]:,}"
     why = (
-        f"{frames:,} frames is {tier}: the Lightly Worker's hardware guide recommends "
+        f"{frames:,} frames ({tier}): the Lightly Worker's hardware guide recommends "
         f"{vcpus} vCPU and {ram} GB ({RAM_GB_PER_VCPU} GB per vCPU), and "
         f"{VRAM_GB_PER_VCPU} GB of VRAM per vCPU = {vram} GB"
     )
