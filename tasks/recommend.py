@@ -209,6 +209,7 @@ def estimate(
     table: dict[str, Any],
     use_gpu: bool = True,
     slowdown: float = 1.0,
+    slowdown_note: str = "",
 ) -> Estimate:
     """Seconds of a run of `plan` over `workload` on `machine` (its GPU when `use_gpu`
     and it has one measured in `table`); `slowdown` stretches the CPU's work (a machine
@@ -245,10 +246,7 @@ def estimate(
     if slowdown != 1.0:
         on_gpu = ("embed", "train", "pretag") if device == "cuda" else ()
         steps = {k: v if k in on_gpu else v * slowdown for k, v in steps.items()}
-        notes.append(
-            f"this machine's CPU is {'busier' if slowdown > 1 else 'less busy'} now than "
-            f"when the throughputs were measured: CPU work x {slowdown:.2f}"
-        )
+        notes.append(f"CPU work x {slowdown:.2f}: {slowdown_note}")
     overlapped = device == "cuda" and not plan.training and not plan.pretagging
     total = sum(steps.values())
     if overlapped:  # check and embed stream side by side
@@ -320,14 +318,23 @@ def recommend(
     on it without a GPU, and on this machine (`here`, where a busy thread gets
     `share_here` of a core now: see `cpu_share`)."""
     machine = machine_for(workload.frames)
-    measured_share = table.get("measured_on", {}).get("cpu_share")
-    slowdown = 1.0
-    if share_here and measured_share:
-        slowdown = min(20.0, max(0.05, measured_share / share_here))
+    # The throughputs were measured where a busy thread got `measured` of a core: a
+    # dedicated machine gives it a whole one, this machine `share_here` of one now.
+    measured = table.get("measured_on", {}).get("cpu_share") or 1.0
+    here_slowdown = min(20.0, max(0.05, measured / share_here)) if share_here else 1.0
+    away = (
+        f"measured where a busy thread got {measured:.0%} of a core; a dedicated machine "
+        "gives it all of one"
+    )
+    now = (
+        f"a busy thread gets {share_here or 1:.0%} of a core here now, {measured:.0%} when "
+        "the throughputs were measured"
+    )
+    cpu_only = replace(machine, gpus=0)
     estimates = {
-        "recommended": estimate(workload, plan, machine, table),
-        "cpu_only": estimate(workload, plan, replace(machine, gpus=0), table, use_gpu=False),
-        "here": estimate(workload, plan, here, table, slowdown=slowdown),
+        "recommended": estimate(workload, plan, machine, table, True, measured, away),
+        "cpu_only": estimate(workload, plan, cpu_only, table, False, measured, away),
+        "here": estimate(workload, plan, here, table, True, here_slowdown, now),
     }
     settings, reasons = _settings(machine, plan, table, estimates["recommended"])
     reasons.insert(0, machine.why)
