@@ -128,7 +128,8 @@ def export(
     if len(frames):
         from tasks.frames import export_frames  # PyAV: only for runs that selected frames
 
-        frame_bytes = export_frames(source, output, f"{run}/selected", frames)
+        with step_activity("export_frames"):
+            frame_bytes = export_frames(source, output, f"{run}/selected", frames)
     summary.steps["export_frames"] = StepStats(
         seconds=time.perf_counter() - frames_started,
         bytes_read=frame_bytes,

@@ -377,12 +377,14 @@ def render(rec: Recommendation) -> str:
         steps.append("train")
     if rec.plan.pretagging:
         steps.append("pretag")
+    images = f"{w.images:,} images" if w.images or not w.videos else ""
+    contents = ", ".join(part for part in (images, videos.removeprefix(", ")) if part)
+    vram = f" (>= {m.vram_gb:g} GB VRAM)" if m.gpus == 1 else ""
     lines = [
-        f"dataset: {w.images:,} images{videos}: {w.frames:,} frames, {w.samples:,} samples "
-        f"({w.source})",
+        f"dataset: {contents}: {w.frames:,} frames, {w.samples:,} samples ({w.source})",
         f"plan: {', '.join(steps)}, select; model {rec.plan.model}",
         "",
-        f"machine: {m.vcpus} vCPU, {m.ram_gb:g} GB RAM, {m.gpu} (>= {m.vram_gb:g} GB VRAM)",
+        f"machine: {m.vcpus} vCPU, {m.ram_gb:g} GB RAM, {m.gpu}{vram}",
         "settings: "
         + " ".join(f"{k}={v}" for k, v in rec.settings.items() if not isinstance(v, dict)),
     ]
