@@ -94,12 +94,17 @@ def test_nothing_is_recorded_outside_a_monitored_run_or_when_disabled():
 
 
 def test_the_sampler_costs_well_under_two_percent_of_the_run():
-    monitor = Monitor(interval=0.05).start()  # 5x the default rate
-    with ThreadPoolExecutor(8) as pool:  # threads to read, as a run has
-        list(pool.map(time.sleep, [1.5] * 8))
-    monitor.stop()
+    """At the default rate, with as many threads as a run has (Prefect's, the decode and
+    read pools), the sampler's own CPU is a small share of the wall time."""
+    with ThreadPoolExecutor(30) as pool:
+        for _ in range(30):
+            pool.submit(time.sleep, 2.5)
+        monitor = Monitor().start()
+        time.sleep(2.0)
+        monitor.stop()
+    assert monitor.stopped is not None
     elapsed = monitor.stopped - monitor.started
-    assert monitor.samples >= 20
+    assert monitor.samples >= 6
     assert monitor.overhead / elapsed < 0.02, (monitor.overhead, elapsed)
 
 
