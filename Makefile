@@ -52,6 +52,7 @@ bench: install
 	$(PY) -m bench.bench_select
 	$(PY) -m bench.bench_train
 	$(PY) -m bench.bench_ray
+	$(PY) -m bench.bench_throughputs  # refreshes tasks/throughputs.json (curate recommend)
 
 clean:
 	rm -rf demo-output demo-data .pytest_cache .mypy_cache .ruff_cache

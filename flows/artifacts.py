@@ -1,8 +1,8 @@
 """What a run shows in the Prefect UI: a progress bar that moves as shards finish, the
 counts of `report.json` as a table, the corrupt files with their reasons, and a summary
-with the location of the report. Artifacts attach to the flow run they are made in (a
-local `curate run` included); their keys are named after the output, so the Artifacts
-page keeps one history per datapool.
+with the location of the report and each step's bottleneck verdict. Artifacts attach to
+the flow run they are made in (a local `curate run` included); their keys are named after
+the output, so the Artifacts page keeps one history per datapool.
 """
 
 from __future__ import annotations
@@ -103,7 +103,8 @@ def publish_run(report: dict[str, Any], corrupt: dict[str, str], run_dir: str) -
         )
     steps = "\n".join(
         f"| {name} | {step['seconds']:.2f} | {step['bytes_read']:,} | "
-        f"{step['cached_shards']}/{step['shards']} |"
+        f"{step['cached_shards']}/{step['shards']} | {step.get('verdict', '')} | "
+        f"{step.get('why', '')} |"
         for name, step in report["steps"].items()
     )
     summary = (
@@ -113,7 +114,8 @@ def publish_run(report: dict[str, Any], corrupt: dict[str, str], run_dir: str) -
         f"- run directory: `{run_dir}` (report: `{run_dir}/report.json`)\n"
         f"- model: {_model(report['embedding'])}\n"
         f"- took {report['seconds']:.1f} s\n\n"
-        "| step | seconds | bytes read | shards from cache |\n| --- | --- | --- | --- |\n"
+        "| step | seconds | bytes read | shards from cache | bottleneck | why |\n"
+        "| --- | --- | --- | --- | --- | --- |\n"
         f"{steps}\n"
     )
     create_markdown_artifact(

@@ -1,4 +1,4 @@
-"""`curate run [CONFIG.yaml] [KEY=VALUE ...]` and `curate sanity-check`.
+"""`curate run [CONFIG.yaml] [KEY=VALUE ...]`, `curate recommend` and `curate sanity-check`.
 
 A user error is one line on stderr and a non-zero exit (2 for the config, 1 for the rest),
 never a traceback. The last line of stdout of a run is `run: <run directory>`. The config
@@ -119,6 +119,33 @@ def _sanity_check(pool: str | None, output: str | None, timeout: float) -> int:
     return 0
 
 
+def _recommend(args: list[str], as_json: bool) -> int:
+    """`curate recommend`: a machine, workers and batch sizes for a dataset (a location it
+    lists and samples, or numbers) and the planned steps, with an estimated duration."""
+    import json
+
+    from tasks import recommend
+    from tasks.storage import open_storage
+
+    config_file = args[0] if args and "=" not in args[0] else None
+    numbers, plan, config = recommend.parse_arguments(
+        config_file, args[1:] if config_file else args
+    )
+    if numbers:
+        workload = recommend.workload_from_numbers(numbers, config.every_nth_frame)
+    else:
+        workload = recommend.survey(open_storage(config.input), config.every_nth_frame)
+    result = recommend.recommend(
+        workload,
+        plan,
+        recommend.load_throughputs(),
+        recommend.this_machine(),
+        recommend.cpu_share(),
+    )
+    print(json.dumps(result.as_json(), indent=2) if as_json else recommend.render(result))
+    return 0
+
+
 def _keys_help() -> str:
     """Every config key with its default and description, from the config model."""
     from tasks.config import key_help
@@ -155,6 +182,19 @@ def main(argv: list[str] | None = None) -> int:
         "output=DIR stopping_condition.n_samples=K [names=FILE.txt] [selection...]`.",
     )
     select.add_argument("args", nargs="*", metavar="embeddings=FILE output=DIR KEY=VALUE")
+    advise = commands.add_parser(
+        "recommend",
+        help="a machine, workers and batch sizes for a dataset, with the run's duration",
+        description="Recommend a machine (vCPUs, RAM, GPU), workers and batch sizes for a "
+        "dataset, with the reasoning and an estimated duration from measured throughputs: "
+        "`curate recommend input=s3://raw/cam1` (lists and samples it) or `curate recommend "
+        "images=100000` / `videos=100 video_seconds=600 fps=30 [video_size=1280x720]`, plus "
+        "the planned steps as `curate run` keys (enable_training=true, "
+        "training.max_epochs=N, pretagging.checkpoint=FILE, embedding.model=NAME, "
+        "embedding.input_size=PX, stopping_condition.n_samples=K).",
+    )
+    advise.add_argument("args", nargs="*", metavar="[CONFIG.yaml] KEY=VALUE")
+    advise.add_argument("--json", action="store_true", help="print JSON for machines")
     check = commands.add_parser(
         "sanity-check",
         help="check the install, here or on a pool's worker",
@@ -191,6 +231,12 @@ def _command(parsed: argparse.Namespace) -> int:
         return select_main(parsed.args)
     if parsed.command == "run":
         return _run(parsed.args)
+    if parsed.command == "recommend":
+        try:
+            return _recommend(parsed.args, parsed.json)
+        except CurateError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2 if isinstance(exc, ConfigError) else 1
     try:
         return _sanity_check(parsed.pool, parsed.output, parsed.timeout)
     except CurateError as exc:

@@ -59,6 +59,7 @@ from tasks.errors import CurateError, redact
 from tasks.export import Exported, RunSummary, export, point_latest, write_report
 from tasks.formats import npy_bytes, read_npy, to_parquet_bytes
 from tasks.keys import PIPELINE_VERSION, artifact_key
+from tasks.monitor import Monitor, judge, monitoring, step_activity
 from tasks.resources import check_config
 from tasks.shards import CheckedShard, EmbeddedShard, StepStats, read_manifest
 from tasks.stop import stop_threads_on_sigterm
@@ -190,14 +191,21 @@ def _locked(sections: dict[str, Any], logger: Any) -> str:
 
 def _curate(config: CurateConfig, output: Storage, run_id: str, logger: Any) -> str:
     progress = RunProgress(config.output)
+    settings = config.monitoring
     try:
-        return _stages(config, output, run_id, logger, progress)
+        with monitoring(settings.enabled, settings.interval_seconds) as monitor:
+            return _stages(config, output, run_id, logger, progress, monitor)
     finally:
         progress.close()  # the terminal's bars, before the CLI prints its summary
 
 
 def _stages(
-    config: CurateConfig, output: Storage, run_id: str, logger: Any, progress: RunProgress
+    config: CurateConfig,
+    output: Storage,
+    run_id: str,
+    logger: Any,
+    progress: RunProgress,
+    monitor: Monitor,
 ) -> str:
     started = time.perf_counter()
     started_at = _now()
@@ -242,9 +250,13 @@ def _stages(
         )
         source = open_storage(config.input)
         try:
-            exported = export(
-                output, source, summary, checked, embedded, duplicates, picked, started
-            )
+            with step_activity("export"):
+                exported = export(
+                    output, source, summary, checked, embedded, duplicates, picked, started
+                )
+            if config.monitoring.enabled:
+                judge(exported.report, monitor)
+                exported.report["monitoring"] = monitor.summary(exported.report["seconds"])
             write_training_files(output, exported.run, streams, pretag_keys)
             exported.report.update(started_at=started_at, finished_at=_now())
             exported.report["resources"] = streams.resources_report()

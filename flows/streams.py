@@ -33,6 +33,7 @@ from tasks.config import CurateConfig
 from tasks.datapool import Datapool
 from tasks.discover import Discovery, discover_shards, load_patterns
 from tasks.errors import CurateError
+from tasks.monitor import monitored
 from tasks.resources import StepPlan, asks_of, run_plan, this_machine
 from tasks.shards import CheckedShard, EmbeddedShard, Shard, StepStats
 from tasks.storage import Storage, open_storage
@@ -435,7 +436,8 @@ def stream_shards(
         streams = LocalStreams(config, found, progress, output)
     is_known = None if config.datasource.process_all else pool.is_known
     try:
-        for shard in discover_shards(source, output, config.shard_size, patterns, found, is_known):
+        listing = discover_shards(source, output, config.shard_size, patterns, found, is_known)
+        for shard in monitored("discover", listing):
             if streams.plan is None:
                 streams.plan = first_shard_plan(config, pool, output, logger)
                 streams.plan_resources(logger)

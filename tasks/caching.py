@@ -27,6 +27,7 @@ from prefect.filesystems import WritableFileSystem
 from prefect.tasks import exponential_backoff
 
 from tasks.keys import CACHE_PREFIX, step_key
+from tasks.monitor import step_activity
 from tasks.storage import LocalStorage, Storage, open_storage
 
 P = ParamSpec("P")
@@ -132,9 +133,11 @@ def _leave_step(token: Token[str]) -> None:
     _current_key.reset(token)
 
 
-def _as_step(name: str, fn: Callable[P, R]) -> Callable[P, R]:
-    """`fn` with its cache key in `current_step_key`, a log line of what it did (the
-    result's `summary`, when it has one) and its freed memory given back."""
+def _as_step(name: str, fn: Callable[P, R], monitor_as: str) -> Callable[P, R]:
+    """`fn` with its cache key in `current_step_key`, its activity reported to the run's
+    monitor (as step `monitor_as`, on the GPU when its `device` argument is CUDA), a log
+    line of what it did (the result's `summary`, when it has one) and its freed memory
+    given back."""
     signature = inspect.signature(fn)
 
     @functools.wraps(fn)
@@ -142,8 +145,10 @@ def _as_step(name: str, fn: Callable[P, R]) -> Callable[P, R]:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         token = _enter_step(step_key(name, dict(bound.arguments)))
+        on_gpu = str(bound.arguments.get("device", "")).startswith("cuda")
         try:
-            result = fn(*args, **kwargs)
+            with step_activity(monitor_as, uses_gpu=on_gpu):
+                result = fn(*args, **kwargs)
         finally:
             _leave_step(token)
             release_memory()
@@ -156,13 +161,16 @@ def _as_step(name: str, fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def cached_step(name: str, retries: int = 3) -> Callable[[Callable[P, R]], Task[P, R]]:
+def cached_step(
+    name: str, retries: int = 3, monitor_as: str | None = None
+) -> Callable[[Callable[P, R]], Task[P, R]]:
     """A pipeline step as a Prefect task named `name`: content-identity cache (the key
     also names its artifacts: `current_step_key()`), persisted result, retries with
-    backoff and jitter for transient failures only, a log line per run."""
+    backoff and jitter for transient failures only, a log line per run. The monitor and
+    report.json know it as `monitor_as` (default: `name`)."""
 
     def decorate(fn: Callable[P, R]) -> Task[P, R]:
-        return step_task(_as_step(name, fn))
+        return step_task(_as_step(name, fn, monitor_as or name))
 
     step_task = task(
         name=name,

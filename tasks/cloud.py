@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 from tasks.errors import CurateError, foreign
+from tasks.monitor import reading
 from tasks.naming import escape_name, unescape_name
 from tasks.storage import ObjectInfo, Storage, open_ranges
 
@@ -73,12 +74,14 @@ class _BucketStorage(Storage):
     def read_range(self, key: str, start: int, end: int) -> bytes:
         if end <= start:
             return b""
-        data = self._read_range(key, start, end)
+        with reading():
+            data = self._read_range(key, start, end)
         self._count(len(data))
         return data
 
     def read(self, key: str) -> bytes:
-        data = self._read(key)
+        with reading():
+            data = self._read(key)
         self._count(len(data))
         return data
 
@@ -199,9 +202,13 @@ class S3Storage(_BucketStorage):
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         token: dict[str, Any] = {}  # boto3 keyword arguments of the next page
         while True:
-            page = self._call(
-                "list_objects_v2", Prefix=self._list_prefix(prefix), MaxKeys=LIST_PAGE_SIZE, **token
-            )
+            with reading():  # a listing page is a read for the monitor too
+                page = self._call(
+                    "list_objects_v2",
+                    Prefix=self._list_prefix(prefix),
+                    MaxKeys=LIST_PAGE_SIZE,
+                    **token,
+                )
             for item in page.get("Contents", []):
                 if not item["Key"].endswith("/"):  # folder placeholders
                     yield ObjectInfo(
@@ -413,7 +420,8 @@ class GCSStorage(_FsspecStorage):
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         token: dict[str, str] = {}
         while True:
-            page = self._op(None, functools.partial(self._page, prefix, token))
+            with reading():
+                page = self._op(None, functools.partial(self._page, prefix, token))
             for item in page.get("items", []):
                 if not item["name"].endswith("/"):
                     yield ObjectInfo(
@@ -483,10 +491,11 @@ class AzureStorage(_FsspecStorage):
         pages = sync(self.fs.loop, self._pages, self._list_prefix(prefix))
         while True:
             try:
-                blobs = self._retrying(
-                    lambda: self._guard(lambda: sync(self.fs.loop, _next_page, pages), None),
-                    self.url,
-                )
+                with reading():
+                    blobs = self._retrying(
+                        lambda: self._guard(lambda: sync(self.fs.loop, _next_page, pages), None),
+                        self.url,
+                    )
             except FileNotFoundError:
                 raise CurateError(f"az://{self.bucket}: no such container") from None
             if blobs is None:

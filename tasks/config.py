@@ -455,6 +455,18 @@ class Orchestration(_Section):
     )
 
 
+class Monitoring(_Section):
+    """Per-step CPU, memory, GPU and read figures and a bottleneck verdict in report.json
+    (tasks/monitor.py)."""
+
+    enabled: bool = Field(
+        True, description="Sample each step's resources and judge what bound it (cheap)."
+    )
+    interval_seconds: float = Field(
+        0.25, gt=0, le=60, description="Seconds between samples of the process's threads."
+    )
+
+
 class CurateConfig(_Section):
     """A curation run: where to read, where to write, what to select."""
 
@@ -523,6 +535,9 @@ class CurateConfig(_Section):
     )
     seed: int = Field(
         0, description="Every random choice (weights, selection ties, sampling) follows it."
+    )
+    monitoring: Monitoring = Field(
+        Monitoring(), description="Resource figures and a bottleneck verdict per step."
     )
 
     @model_validator(mode="after")

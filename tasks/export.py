@@ -25,6 +25,7 @@ from tasks.formats import (
     text_lines,
     to_parquet_bytes,
 )
+from tasks.monitor import current, step_activity, verdict
 from tasks.naming import is_video
 from tasks.shards import CheckedShard, EmbeddedShard, StepStats
 from tasks.storage import Storage, open_storage
@@ -132,7 +133,8 @@ def export(
     if len(frames):
         from tasks.frames import export_frames  # PyAV: only for runs that selected frames
 
-        frame_bytes = export_frames(source, output, f"{run}/selected", frames)
+        with step_activity("export_frames"):
+            frame_bytes = export_frames(source, output, f"{run}/selected", frames)
     summary.steps["export_frames"] = StepStats(
         seconds=time.perf_counter() - frames_started,
         bytes_read=frame_bytes,
@@ -196,12 +198,22 @@ def write_report(output: Storage, exported: Exported, prior_key: str | None = No
         started = time.perf_counter()
         prior = read_npy(output, prior_key) if prior_key else None
         source = open_storage(exported.source_url) if exported.source_url else None
-        write_run_reports(output, source, exported, prior)
+        with step_activity("report"):
+            write_run_reports(output, source, exported, prior)
         exported.report["report_reads"] = {
             "seconds": round(time.perf_counter() - started, 3),
             "bytes_read": source.bytes_read if source else 0,
             "retries": source.retries if source else 0,
         }
+        monitor = current()
+        if monitor is not None and "monitoring" in exported.report:
+            # Judged after it drew the others: in report.json only.
+            monitor.sample_now()
+            figures = monitor.figures("report")
+            reads = exported.report["report_reads"]
+            reads["verdict"], reads["why"] = verdict(figures)
+            if figures is not None:
+                reads["monitor"] = figures
     output.write_text(f"{exported.run}/report.json", json.dumps(exported.report, indent=2))
 
 

@@ -28,6 +28,7 @@ from tasks.caching import cached_step, current_step_key
 from tasks.describe import FrameFacts, describe_frames, metadata_frame
 from tasks.formats import npy_chunks, to_parquet_bytes
 from tasks.keys import artifact_key
+from tasks.monitor import step_threads
 from tasks.naming import frame_name
 from tasks.shards import CheckedShard, Shard, read_manifest
 from tasks.stop import raise_if_stopped
@@ -210,7 +211,7 @@ def _video_summary(info: VideoInfo | None, decoded: int, reason: str | None) -> 
     return summary
 
 
-@cached_step("check_video")
+@cached_step("check_video", monitor_as="check")  # one "check" step in report.json
 def check_video_shard(
     shard: Shard,
     input_url: str,
@@ -289,7 +290,7 @@ def export_frames(
                 raise_if_stopped()
                 output.write(f"{prefix}/{names[index]}", png_bytes(rgb))
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=workers, initializer=step_threads()) as pool:
         jobs = [
             pool.submit(export_video, str(video), rows)
             for video, rows in frames.groupby("video", sort=True)

@@ -196,6 +196,7 @@ def build_sections(data: ReportData) -> list[Section]:
         run_section(data),
         corrupt_section(data),
         steps_section(data),
+        bottlenecks_section(data),
         model_section(data),
         distances_section(data),
         map_section(data),
@@ -286,6 +287,7 @@ def steps_section(data: ReportData) -> Section:
             _bytes(step.get("bytes_read", 0)),
             f"{step.get('cached_shards', 0)}/{step.get('shards', 0)}",
             _count(step.get("retries", 0)),
+            step.get("verdict", ""),
         )
         for name, step in steps.items()
     ]
@@ -307,8 +309,46 @@ def steps_section(data: ReportData) -> Section:
     return Section(
         "Steps",
         note="Seconds, bytes read, shards taken from the cache and retries per step.",
-        tables=[Table(("step", "seconds", "read", "cached/shards", "retries"), rows)],
+        tables=[Table(("step", "seconds", "read", "cached/shards", "retries", "verdict"), rows)],
         plot=plot,
+    )
+
+
+def bottlenecks_section(data: ReportData) -> Section:
+    """What bound each step (report.json's `verdict` and `why`, from `monitor`'s
+    figures): text only, so it costs nothing to draw."""
+    steps: dict[str, dict[str, Any]] = data.report.get("steps", {})
+    facts = data.report.get("monitoring")
+    if facts is None:
+        return Section("Bottlenecks", note="Monitoring was off for this run (monitoring.enabled).")
+    rows, reasons = [], []
+    for name, step in steps.items():
+        figures = step.get("monitor") or {}
+        gpu = figures.get("gpu_util_percent")
+        rows.append(
+            (
+                name,
+                step.get("verdict", ""),
+                f"{figures['cpu_percent'] / 100:.2f}" if figures else "",
+                f"{figures['cpu_wait_percent'] / 100:.2f}" if figures else "",
+                f"{figures['reads_busy_percent']:.0f} %" if figures else "",
+                f"{gpu:.0f} %" if gpu is not None else "",
+                _bytes(figures["rss_peak_bytes"]) if figures else "",
+            )
+        )
+        reasons.append((name, step.get("why", "")))
+    note = (
+        f"What bound each step, from the threads' CPU (running, or runnable and waiting for "
+        f"one of the {facts['cores']} cores), the share of the step's time with a read in "
+        f"flight and the GPU's utilisation ({facts['gpu'] or 'no GPU'}), sampled every "
+        f"{facts['interval_seconds']} s: CPU-bound wants more cores, I/O-bound faster or "
+        f"closer storage, GPU-bound a faster GPU. Attribution: {facts['attribution']}. "
+        f"Monitoring cost {facts['overhead_seconds']:.2f} s of CPU "
+        f"({facts['overhead_percent']:.2f} % of the run)."
+    )
+    header = ("step", "verdict", "cores busy", "waiting", "reads busy", "GPU", "RSS peak")
+    return Section(
+        "Bottlenecks", note=note, tables=[Table(header, rows), Table(("step", "why"), reasons)]
     )
 
 
@@ -792,16 +832,24 @@ def _text_lines(section: Section) -> list[tuple[str, bool]]:
             continue
         cells = [table.header, *table.rows]
         widths = [min(60, max(len(row[i]) for row in cells)) for i in range(len(table.header))]
+        # The last column wraps onto more lines (a verdict's why) instead of being cut.
+        widths[-1] = max(widths[-1], min(130 - sum(widths[:-1]), max(len(r[-1]) for r in cells)))
 
-        def fit(row: tuple[str, ...], widths: list[int] = widths) -> str:
-            fitted = (
-                c if len(c) <= w else c[: w - 3] + "..." for c, w in zip(row, widths, strict=True)
+        def fit(row: tuple[str, ...], widths: list[int] = widths) -> list[str]:
+            fitted = [
+                c if len(c) <= w else c[: w - 3] + "..."
+                for c, w in zip(row[:-1], widths, strict=False)
+            ]
+            indent = "  ".join(" " * w for w in widths[:-1])
+            last = textwrap.wrap(row[-1], max(20, widths[-1])) or [""]
+            first = "  ".join(
+                [*(c.ljust(w) for c, w in zip(fitted, widths, strict=False)), last[0]]
             )
-            return "  ".join(c.ljust(w) for c, w in zip(fitted, widths, strict=True)).rstrip()
+            return [first.rstrip()] + [f"{indent}  {more}" for more in last[1:]]
 
         lines.append(("", False))
-        lines.append((fit(table.header), True))
-        lines.extend((fit(row), False) for row in table.rows)
+        lines.append((fit(table.header)[0], True))
+        lines.extend((line, False) for row in table.rows for line in fit(row))
     return lines
 
 
@@ -822,7 +870,7 @@ def render_pdf(sections: list[Section], title: str) -> bytes:
             page = Figure(figsize=PAGE, layout="constrained")
             page.text(0.04, 0.955, section.title, fontsize=16, weight="bold")
             page.text(0.96, 0.955, f"{title} - page {number}", fontsize=7, ha="right")
-            lines = _text_lines(section)[:30]
+            lines = _text_lines(section)[: 30 if section.plot else 36]  # 36 fill a page
             for i, (text, bold) in enumerate(lines):
                 page.text(0.04, 0.91 - i * _LINE, text, family="monospace", fontsize=7.5,
                           weight="bold" if bold else "normal", va="top")  # fmt: skip

@@ -8,10 +8,11 @@ Listing is lazy and in key order (the order buckets list in), so shards come out
 on every backend; `scan` also says what a listing had to leave out (a broken symlink, a
 FIFO, a folder it may not read), so that nothing vanishes silently. Each backend
 counts the bytes it reads and the retries it needed, so the report can say what every
-step cost in traffic. Writes are atomic (a reader sees the old object or the new one,
-never half of one). Transient failures are retried with exponential backoff and jitter;
-a missing object is a FileNotFoundError; anything the user must fix is a CurateError
-naming the URL.
+step cost in traffic, and tells the run's monitor while a read is in flight (so the
+report can say which step waited on storage). Writes are atomic (a reader sees the old
+object or the new one, never half of one). Transient failures are retried with
+exponential backoff and jitter; a missing object is a FileNotFoundError; anything the
+user must fix is a CurateError naming the URL.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlparse
 
 from tasks.errors import CurateError, foreign
+from tasks.monitor import reading, step_threads
 from tasks.naming import escape_name, unescape_name
 from tasks.stop import raise_if_stopped
 
@@ -144,7 +146,7 @@ class Storage(ABC):
         """(key, bytes or the exception) for each key, in order, with up to
         `concurrency` reads in flight and no more than that many objects held ahead."""
         window = concurrency or self.read_concurrency
-        with ThreadPoolExecutor(max_workers=window) as pool:
+        with ThreadPoolExecutor(max_workers=window, initializer=step_threads()) as pool:
             yield from _in_order(((key, pool.submit(self.read, key)) for key in keys), window)
 
     @abstractmethod
@@ -234,7 +236,7 @@ def process_objects(
     """Read `keys` with the storage's concurrency and run `work(key, data)` on `workers`
     threads (Pillow and numpy release the GIL); (key, result or exception) in key order.
     Both stages run a bounded window ahead, so memory holds a few dozen objects."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=workers, initializer=step_threads()) as pool:
         submitted = (
             (key, data if isinstance(data, Exception) else pool.submit(work, key, data))
             for key, data in storage.read_many(keys)
@@ -317,7 +319,8 @@ class _CountingReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        n = self._raw.readinto(buffer)  # type: ignore[attr-defined]
+        with reading():
+            n = self._raw.readinto(buffer)  # type: ignore[attr-defined]
         self._count_fn(n or 0)  # type: ignore[operator]
         return n or 0
 
@@ -417,13 +420,13 @@ class LocalStorage(Storage):
         return fd
 
     def read(self, key: str) -> bytes:
-        with os.fdopen(self._open(key), "rb") as f:
+        with reading(), os.fdopen(self._open(key), "rb") as f:
             data = f.read()
         self._count(len(data))
         return data
 
     def read_range(self, key: str, start: int, end: int) -> bytes:
-        with os.fdopen(self._open(key), "rb") as f:
+        with reading(), os.fdopen(self._open(key), "rb") as f:
             f.seek(start)
             data = f.read(max(0, end - start))
         self._count(len(data))

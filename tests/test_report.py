@@ -43,6 +43,7 @@ SECTIONS = [
     "Run",
     "Corrupt samples",
     "Steps",
+    "Bottlenecks",
     "Model",
     "Nearest-neighbour distances",
     "Embedding map",
