@@ -51,6 +51,7 @@ class CheckSettings(BaseModel):
     output: str
     input_size: int
     max_image_pixels: int
+    pixels_in_flight: int
     full_check: bool
     every_nth_frame: int
     use_frame_count_metadata: bool
@@ -65,6 +66,8 @@ class CheckSettings(BaseModel):
             output=config.output,
             input_size=input_size,
             max_image_pixels=config.corruptness_check.max_image_pixels,
+            pixels_in_flight=config.corruptness_check.pixels_in_flight
+            or config.corruptness_check.max_image_pixels,
             full_check=config.enable_corruptness_check,
             every_nth_frame=config.every_nth_frame,
             use_frame_count_metadata=config.datasource.use_frame_count_metadata,
@@ -121,6 +124,7 @@ def submit_check(
         s.full_check,
         s.input_size,
         s.num_workers,
+        s.pixels_in_flight,
         wait_for=wait_for or [],
     )
 
