@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import numpy as np
-from PIL import Image, ImageSequence, UnidentifiedImageError
+from PIL import Image, ImageSequence, PngImagePlugin, UnidentifiedImageError
 
 from tasks.errors import CurateError
 from tasks.formats import read_npy, read_parquet_bytes
@@ -31,6 +31,9 @@ T = TypeVar("T")
 
 # We check the pixel count ourselves, against the configured limit, before decoding.
 Image.MAX_IMAGE_PIXELS = None
+# Pillow refuses a PNG whose text or ICC chunk inflates past 1 MB (a zlib bomb guard), but
+# ICC profiles of a few MB are real (press CMYK profiles): 16 MB still bounds a bomb.
+PngImagePlugin.MAX_TEXT_CHUNK = 16 << 20
 # Pillow warns about oddities of a file (corrupt EXIF, odd TIFF tags) once per file: the
 # check reports what matters as the file's reason, the rest is noise in a run's log.
 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
@@ -168,6 +171,8 @@ def _declared_cut(fmt: str, data: bytes) -> bool:
         return True
     if fmt == "PNG":
         return png_chunk_problem(data) == "truncated PNG"
+    if fmt == "JPEG":
+        return _jpeg_ends_before_scan(data)
     if fmt == "WEBP":
         return int.from_bytes(data[4:8], "little") + 8 > len(data)
     if fmt == "BMP":
@@ -180,6 +185,25 @@ def _declared_cut(fmt: str, data: bytes) -> bool:
         entries = int.from_bytes(data[ifd : ifd + 2], order)
         return ifd + 2 + 12 * entries + 4 > len(data)
     return False
+
+
+def _jpeg_ends_before_scan(data: bytes) -> bool:
+    """Whether a JPEG's marker segments run to the end of the data without reaching the
+    start of scan (the pixel data): a file cut inside its header."""
+    position = 2
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return False  # no marker where one belongs: damaged, not cut
+        marker = data[position + 1]
+        if marker == 0xDA:  # start of scan
+            return False
+        if marker == 0xFF:  # fill byte
+            position += 1
+        elif 0xD0 <= marker <= 0xD8 or marker == 0x01:  # markers without a length
+            position += 2
+        else:
+            position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return True
 
 
 # What Pillow's plugins say when a header ends early (read short, unpack short, no frame
@@ -208,6 +232,14 @@ def _header_reason(data: bytes, exc: Exception) -> str:
     except Exception as cause:  # the plugin's own error, not another plugin's
         exc = cause
     message = str(exc)
+    if fmt == "PNG":
+        problem = png_chunk_problem(data)  # Pillow checks the IHDR's CRC: say which
+        if problem and problem.startswith("bad CRC"):
+            return problem
+        if data[12:16] == b"IHDR" and len(data) >= 24:
+            width, height = struct.unpack(">II", data[16:24])
+            if width == 0 or height == 0:
+                return f"empty PNG ({width}x{height})"
     if _declared_cut(fmt, data) or any(s in message.lower() for s in SHORT_READ):
         return f"truncated {fmt}" + ("" if fmt == "WEBP" else " (header only)")
     if fmt == "BMP" and _not_an_image_reason(data) == "not an image: text":
@@ -235,7 +267,7 @@ def png_chunk_problem(data: bytes) -> str | None:
 
 def _decode_reason(fmt: str, exc: Exception) -> str:
     message = str(exc)
-    if "truncated" in message or "could not create decoder" in message:
+    if "could not create decoder" in message or any(s in message.lower() for s in SHORT_READ):
         return f"truncated {fmt}"
     if "broken data stream" in message:
         return f"broken {fmt} data stream"
@@ -267,10 +299,13 @@ def _open_image(
         return "zero bytes"
     try:
         image = Image.open(io.BytesIO(data))
-        n_frames = getattr(image, "n_frames", 1)  # reads every frame's header
     except Exception as exc:  # Pillow raises many types for broken headers
         return _header_reason(data, exc)
     fmt = image.format or "image"
+    try:
+        n_frames = getattr(image, "n_frames", 1)  # reads every frame's header
+    except Exception as exc:
+        return _decode_reason(fmt, exc)
     width, height = image.size
     if width * height > max_pixels:
         return f"decompression bomb: {width * height / 1e6:.0f} Mpx"

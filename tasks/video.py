@@ -268,6 +268,8 @@ def _open(stream: BinaryIO) -> InputContainer | str:
         if _is_iso_bmff(head) and _missing_moov(stream):
             return "cannot open video: truncated MP4 (no moov index)"
         cut = container_cut(stream)
+        if cut is None and isinstance(exc, av.error.EOFError) and _structure(stream).known:
+            return "cannot open video: nothing after its headers (no frames)"
         return f"cannot open video: {cut or _short(exc)}"
 
 
