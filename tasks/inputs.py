@@ -79,6 +79,10 @@ class PixelBudget:
     def held(self) -> int:
         return self._held
 
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
     def set_limit(self, limit: int) -> None:
         with self._changed:
             self.limit = limit
@@ -149,6 +153,16 @@ def _not_an_image_reason(data: bytes) -> str:
         return "not an image: text"
     except UnicodeDecodeError:
         return "not an image: unknown format"
+
+
+def _printable(data: bytes) -> bool:
+    """Text as people write it: UTF-8 without control characters besides whitespace (a
+    binary header has zero bytes and small integers)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(c.isprintable() or c in "\t\n\r" for c in text)
 
 
 def signature_format(data: bytes) -> str | None:
@@ -240,10 +254,10 @@ def _header_reason(data: bytes, exc: Exception) -> str:
             width, height = struct.unpack(">II", data[16:24])
             if width == 0 or height == 0:
                 return f"empty PNG ({width}x{height})"
+    if fmt == "BMP" and len(data) > 2 and _printable(data[:4096]):
+        return "not an image: text"  # "BM..." is a 2-byte signature text can start with
     if _declared_cut(fmt, data) or any(s in message.lower() for s in SHORT_READ):
         return f"truncated {fmt}" + ("" if fmt == "WEBP" else " (header only)")
-    if fmt == "BMP" and _not_an_image_reason(data) == "not an image: text":
-        return "not an image: text"  # "BM..." is a 2-byte signature text can start with
     return f"unreadable {fmt} header: {message[:120]}"
 
 
