@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import io
+import logging
 import math
 import platform
 import struct
@@ -37,6 +38,7 @@ PngImagePlugin.MAX_TEXT_CHUNK = 16 << 20
 # Pillow warns about oddities of a file (corrupt EXIF, odd TIFF tags) once per file: the
 # check reports what matters as the file's reason, the rest is noise in a run's log.
 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+logging.getLogger("PIL").setLevel(logging.CRITICAL)  # same: "More samples per pixel ..."
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -239,16 +241,16 @@ def _header_reason(data: bytes, exc: Exception) -> str:
     if fmt is None:
         if isinstance(exc, UnidentifiedImageError):
             return _not_an_image_reason(data)
-        return f"unreadable header: {str(exc)[:120]}"
+        return f"unreadable header: {_message(exc)}"
     factory, _ = Image.OPEN[fmt]
     try:
         factory(io.BytesIO(data), "")  # type: ignore[call-arg]
     except Exception as cause:  # the plugin's own error, not another plugin's
         exc = cause
-    message = str(exc)
+    message = _message(exc)
     if fmt == "PNG":
         problem = png_chunk_problem(data)  # Pillow checks the IHDR's CRC: say which
-        if problem and problem.startswith("bad CRC"):
+        if problem and problem != "truncated PNG":
             return problem
         if data[12:16] == b"IHDR" and len(data) >= 24:
             width, height = struct.unpack(">II", data[16:24])
@@ -258,7 +260,7 @@ def _header_reason(data: bytes, exc: Exception) -> str:
         return "not an image: text"  # "BM..." is a 2-byte signature text can start with
     if _declared_cut(fmt, data) or any(s in message.lower() for s in SHORT_READ):
         return f"truncated {fmt}" + ("" if fmt == "WEBP" else " (header only)")
-    return f"unreadable {fmt} header: {message[:120]}"
+    return f"unreadable {fmt} header: {message}"
 
 
 def png_chunk_problem(data: bytes) -> str | None:
@@ -267,6 +269,8 @@ def png_chunk_problem(data: bytes) -> str | None:
     while pos + 8 <= len(data):
         (length,) = struct.unpack(">I", data[pos : pos + 4])
         chunk_type = data[pos + 4 : pos + 8]
+        if not chunk_type.isalpha():  # chunk types are four ASCII letters
+            return f"broken PNG (no chunk at byte {pos})"
         end = pos + 8 + length
         if end + 4 > len(data):
             return "truncated PNG"
@@ -279,13 +283,20 @@ def png_chunk_problem(data: bytes) -> str | None:
     return "truncated PNG"
 
 
+def _message(exc: Exception) -> str:
+    """An exception's text for a reason: one line, printable, short (Pillow's messages
+    quote bytes of the file)."""
+    text = "".join(c if c.isprintable() else " " for c in str(exc)).strip()
+    return text[:120] or type(exc).__name__
+
+
 def _decode_reason(fmt: str, exc: Exception) -> str:
-    message = str(exc)
+    message = _message(exc)
     if "could not create decoder" in message or any(s in message.lower() for s in SHORT_READ):
         return f"truncated {fmt}"
     if "broken data stream" in message:
         return f"broken {fmt} data stream"
-    return f"{fmt} decode error: {message[:120]}"
+    return f"{fmt} decode error: {message}"
 
 
 @dataclass

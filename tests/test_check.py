@@ -225,3 +225,12 @@ def test_conversion_in_bands_equals_the_whole_image_conversion(
     whole = np.asarray(tasks.inputs._to_rgb(image))
     monkeypatch.setattr(tasks.inputs, "BAND_PIXELS", 23 * 5)  # bands of 5 rows
     assert np.array_equal(np.asarray(tasks.inputs._to_rgb(image)), whole)
+
+
+def test_a_png_chunk_that_is_not_one_is_named_by_its_place_on_one_line() -> None:
+    """Found by the fuzz pass: a chunk type of non-letters (`NG\\r\\n`) put a newline in
+    the reason."""
+    png = encode(_photo(), "PNG")
+    broken = png[:33] + b"\x00\x00\x00\x05NG\r\nabcde" + png[33:]
+    assert decode_image(broken, max_pixels=LIMIT) == "broken PNG (no chunk at byte 33)"
+    assert png_chunk_problem(broken) == "broken PNG (no chunk at byte 33)"
