@@ -87,9 +87,9 @@ class CorruptnessCheck(_Section):
         None,
         gt=0,
         description="Decoded image pixels a process holds at once over all its decode "
-        "threads (about 12 bytes each at the peak of a decode); more wait, and an image "
-        "larger than this decodes alone. Default: max_image_pixels (one image at the "
-        "limit, or many smaller ones, at a time: about 2.1 GB).",
+        "threads (at most 20 bytes each at the peak of a decode, 5 for RGB photos); more "
+        "wait, and an image larger than this decodes alone. Default: max_image_pixels (one "
+        "image at the limit, or many smaller ones, at a time: at most 3.6 GB).",
     )
     keep_decodable_frames: bool = Field(
         False,

@@ -57,10 +57,12 @@ SIGNATURES = (
 # Pillow's hard decompression-bomb limit, `corruptness_check.max_image_pixels`' default.
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
 
-# Peak bytes a decode holds per pixel of the image, measured over the modes (8-bit RGB and
-# palette, RGBA, 16-bit gray, CMYK) from the encoded bytes to the model input and metadata
-# row (`tests/test_memory.py` holds a run to it). With pixels in flight P, a check's decoding
-# holds at most P x this many bytes besides what the process holds anyway.
+# Peak bytes a decode holds per pixel of the image, from the encoded bytes to the model input
+# and metadata row, measured on 16 Mpx images: 5 for 8-bit RGB, gray and palette PNG and
+# JPEG, 6.5 for 16-bit gray, 8 to 9 for RGBA, LA, CMYK and float TIFF, 13 for an animated
+# GIF, 16.5 for WebP and 18 for an animated WebP (libwebp's canvas and Pillow's copy), with
+# room to spare. With pixels in flight P, decoding holds at most P x this many bytes besides
+# what the process holds anyway (`tests/test_memory.py` holds a run to it).
 DECODE_BYTES_PER_PIXEL = 20
 
 
