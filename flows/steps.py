@@ -48,6 +48,7 @@ class CheckSettings(BaseModel):
     output: str
     input_size: int
     max_image_pixels: int
+    pixels_in_flight: int
     full_check: bool
     every_nth_frame: int
     use_frame_count_metadata: bool
@@ -67,6 +68,8 @@ class CheckSettings(BaseModel):
             output=config.output,
             input_size=input_size,
             max_image_pixels=config.corruptness_check.max_image_pixels,
+            pixels_in_flight=config.corruptness_check.pixels_in_flight
+            or config.corruptness_check.max_image_pixels,
             full_check=config.enable_corruptness_check,
             every_nth_frame=config.every_nth_frame,
             use_frame_count_metadata=config.datasource.use_frame_count_metadata,
@@ -126,7 +129,7 @@ def submit_check(
         video = check_video_shard.with_options(**options)
         frames = (s.every_nth_frame, s.use_frame_count_metadata, s.keep_decodable_frames, s.chunk)
         return _submit(video, (shard, s.input, s.output, s.input_size, *frames), wait_for, runner)
-    images = (s.max_image_pixels, s.full_check, s.input_size, s.num_workers)
+    images = (s.max_image_pixels, s.full_check, s.input_size, s.num_workers, s.pixels_in_flight)
     return _submit(
         check_shard.with_options(**options), (shard, s.input, s.output, *images), wait_for, runner
     )

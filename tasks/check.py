@@ -17,7 +17,7 @@ import numpy as np
 from tasks.caching import cached_step, current_step_key
 from tasks.describe import describe, metadata_frame
 from tasks.formats import npy_bytes, to_parquet_bytes
-from tasks.inputs import decode_image, model_input
+from tasks.inputs import DEFAULT_MAX_IMAGE_PIXELS, PIXELS_IN_FLIGHT, decode_then, model_input
 from tasks.keys import artifact_key
 from tasks.shards import CheckedShard, Shard, read_manifest
 from tasks.storage import (
@@ -31,6 +31,20 @@ from tasks.storage import (
 Inspection = tuple[dict[str, object], np.ndarray] | str  # (metadata, model input) or why not
 
 
+def inspect_image(
+    key: str, data: bytes, max_pixels: int, full_check: bool, input_size: int
+) -> Inspection:
+    """One object's metadata row and model input, or why it is corrupt. Never raises for
+    anything in `data`; the decoded image is held in the process's pixel budget."""
+    return decode_then(
+        data,
+        max_pixels,
+        lambda decoded: (describe(key, data, decoded), model_input(decoded.image, input_size)),
+        full_check,
+        draft_size=input_size,
+    )
+
+
 def check_images(
     input_storage: Storage,
     objects: list[ObjectInfo],
@@ -42,10 +56,7 @@ def check_images(
     """Read each object once; return metadata rows, corrupt reasons and model inputs."""
 
     def inspect(key: str, data: bytes) -> Inspection:
-        decoded = decode_image(data, max_pixels, full_check, draft_size=input_size)
-        if isinstance(decoded, str):
-            return decoded
-        return describe(key, data, decoded), model_input(decoded.image, input_size)
+        return inspect_image(key, data, max_pixels, full_check, input_size)
 
     rows: list[dict[str, object]] = []
     corrupt: dict[str, str] = {}
@@ -75,8 +86,12 @@ def check_shard(
     full_check: bool,
     input_size: int,
     num_workers: int,
+    pixels_in_flight: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> CheckedShard:
-    """Check, describe and prepare model inputs for one shard, reading each object once."""
+    """Check, describe and prepare model inputs for one shard, reading each object once.
+    `pixels_in_flight` bounds the decoded pixels this process holds (`PixelBudget`); it
+    is the process's, so the last check's setting applies to every decode in it."""
+    PIXELS_IN_FLIGHT.set_limit(pixels_in_flight)
     key = current_step_key()
     started = time.perf_counter()
     output, source = open_storage(output_url), open_storage(input_url)

@@ -97,6 +97,14 @@ class CorruptnessCheck(_Section):
         description="Images with more pixels are flagged as decompression bombs "
         "(Pillow's own hard limit by default).",
     )
+    pixels_in_flight: int | None = Field(
+        None,
+        gt=0,
+        description="Decoded image pixels a process holds at once over all its decode "
+        "threads (at most 20 bytes each at the peak of a decode, 5 for RGB photos); more "
+        "wait, and an image larger than this decodes alone. Default: max_image_pixels (one "
+        "image at the limit, or many smaller ones, at a time: at most 3.6 GB).",
+    )
     keep_decodable_frames: bool = Field(
         False,
         description="For a corrupt video: false excludes all its frames from the run; "

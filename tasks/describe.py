@@ -50,12 +50,48 @@ METADATA_SCHEMA = pa.DataFrameSchema(
 )
 
 
+# Pixels of an image measured at once: the measures' temporaries (a dozen bytes a pixel)
+# stay a few megabytes however large the image, so describing adds nothing to the memory a
+# decode holds (`inputs.DECODE_BYTES_PER_PIXEL`).
+PIXELS_PER_BAND = 1 << 18
+
+
 def describe(name: str, data: bytes, decoded: Decoded) -> dict[str, object]:
-    """One metadata row for a decoded image."""
-    rgb = np.asarray(decoded.image, dtype=np.uint8)
-    luma = np.asarray(decoded.image.convert("L"), dtype=np.float32)
-    pixel_hash = hashlib.sha256(f"{rgb.shape}".encode())
-    pixel_hash.update(rgb.tobytes())
+    """One metadata row for a decoded image, measured in bands of rows. Luma and its
+    Laplacian are integers, so their sums are exact in int64 and the band order does not
+    matter; the pixel hash covers the same bytes in the same order as the whole image's."""
+    image = decoded.image
+    width, height = image.size
+    pixel_hash = hashlib.sha256(f"{(height, width, 3)}".encode())
+    luma_sum = luma_squares = saturation = lap_sum = lap_squares = lap_count = 0.0
+    rows = max(1, PIXELS_PER_BAND // width)
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        # One row more on each side, for the Laplacian of the band's first and last rows.
+        above, below = max(0, top - 1), min(height, bottom + 1)
+        band = image.crop((0, above, width, below))
+        rgb = np.asarray(band, dtype=np.uint8)
+        own = rgb[top - above : top - above + bottom - top]
+        pixel_hash.update(np.ascontiguousarray(own).data)
+        luma = np.asarray(band.convert("L"), dtype=np.int64)
+        own_luma = luma[top - above : top - above + bottom - top]
+        luma_sum += int(own_luma.sum())
+        luma_squares += int(np.square(own_luma).sum())
+        saturation += float(mean_saturation(own)) * own.shape[0] * width
+        if width >= 3 and height >= 3:
+            # The padded band's Laplacian is of rows above+1 .. below-2; keep the band's
+            # own rows among those the image's Laplacian has (1 .. height-2).
+            first, last = max(top, 1), min(bottom, height - 1)
+            lap = _laplacian(luma)[first - above - 1 : last - above - 1]
+            lap_sum += int(lap.sum())
+            lap_squares += int(np.square(lap).sum())
+            lap_count += lap.size
+    n = width * height
+    luma_mean = luma_sum / n
+    luma_var = max(0.0, luma_squares / n - luma_mean**2)
+    sharpness = 0.0
+    if lap_count:
+        sharpness = max(0.0, lap_squares / lap_count - (lap_sum / lap_count) ** 2)
     return {
         "filename": name,
         "width": decoded.width,
@@ -63,10 +99,10 @@ def describe(name: str, data: bytes, decoded: Decoded) -> dict[str, object]:
         "file_size": len(data),
         "format": decoded.format,
         "mode": decoded.mode,
-        "brightness": float(luma.mean()) / 255.0,
-        "contrast": float(luma.std()) / 255.0,
-        "saturation": float(mean_saturation(rgb)),
-        "sharpness": float(laplacian_variance(luma)),
+        "brightness": luma_mean / 255.0,
+        "contrast": luma_var**0.5 / 255.0,
+        "saturation": saturation / n,
+        "sharpness": sharpness,
         "content_hash": hashlib.sha256(data).hexdigest(),
         "pixel_hash": pixel_hash.hexdigest(),
         "video": None,
@@ -166,14 +202,18 @@ def laplacian_variance(luma: np.ndarray) -> np.ndarray:
     """Variance of the 4-neighbour Laplacian over the last two axes (H, W)."""
     if luma.shape[-2] < 3 or luma.shape[-1] < 3:
         return np.zeros(luma.shape[:-2], np.float32)
-    lap = (
+    return _laplacian(luma).var(axis=(-2, -1))
+
+
+def _laplacian(luma: np.ndarray) -> np.ndarray:
+    """The 4-neighbour Laplacian of the interior (rows and columns 1 .. n-2)."""
+    return (
         luma[..., :-2, 1:-1]
         + luma[..., 2:, 1:-1]
         + luma[..., 1:-1, :-2]
         + luma[..., 1:-1, 2:]
         - 4 * luma[..., 1:-1, 1:-1]
     )
-    return lap.var(axis=(-2, -1))
 
 
 def metadata_frame(rows: list[dict[str, object]]) -> pd.DataFrame:

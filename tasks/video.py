@@ -133,26 +133,125 @@ def _is_iso_bmff(head: bytes) -> bool:
     return len(head) >= 8 and head[4:8] in (b"ftyp", b"mdat", b"moov", b"wide", b"free")
 
 
-def _missing_moov(stream: BinaryIO) -> bool:
-    """Walk an MP4/MOV's top-level boxes (headers only, by seeking) and tell whether the
-    index (`moov`) is absent, which is what cutting a file written without faststart does."""
-    stream.seek(0, io.SEEK_END)
-    size = stream.tell()
+def _top_level_boxes(stream: BinaryIO, size: int) -> Iterator[tuple[bytes, int]]:
+    """(type, end) of an MP4/MOV's top-level boxes, read by seeking to each header; stops
+    at a box that runs to the end of the file or cannot be a box."""
     position = 0
     while position + 8 <= size:
         stream.seek(position)
         header = stream.read(16)
         box_size, kind = int.from_bytes(header[:4], "big"), header[4:8]
-        if kind == b"moov":
-            return False
         if box_size == 1 and len(header) >= 16:
             box_size = int.from_bytes(header[8:16], "big")
-        elif box_size == 0:  # the box runs to the end of the file
-            break
-        if box_size < 8:
-            break
+        if box_size < 8:  # 0: the box runs to the end of the file
+            return
+        yield kind, position + box_size
         position += box_size
-    return True
+
+
+def _missing_moov(stream: BinaryIO) -> bool:
+    """Whether an MP4/MOV's index (`moov`) is absent, which is what cutting a file written
+    without faststart does."""
+    return all(kind != b"moov" for kind, _ in _top_level_boxes(stream, _stream_size(stream)))
+
+
+def _ebml_number(data: bytes, position: int) -> tuple[int | None, int]:
+    """An EBML variable-size integer at `position`: (value, or None when every value bit
+    is set, "unknown"; the position after it)."""
+    first = data[position] if position < len(data) else 0
+    length = 9 - first.bit_length() if first else 9
+    if length > 8 or position + length > len(data):
+        raise ValueError("not an EBML number")
+    value = first & (0xFF >> length)
+    for byte in data[position + 1 : position + length]:
+        value = value << 8 | byte
+    return (None if value == (1 << (7 * length)) - 1 else value), position + length
+
+
+def _declared_end(stream: BinaryIO, size: int) -> tuple[int, str] | None:
+    """(where the container's own structure says the file ends, what a file cut before
+    that is: "truncated AVI ...") for the containers that say so: MP4/MOV (its top-level
+    boxes), AVI (the RIFF size), Matroska/WebM (the Segment's size, when known). None for
+    others (MPEG-PS has no sizes) and for structures that cannot be followed."""
+    stream.seek(0)
+    head = stream.read(64)
+    if _is_iso_bmff(head):
+        last: tuple[bytes, int] | None = None
+        for kind, end in _top_level_boxes(stream, size):
+            if not all(32 <= byte < 127 for byte in kind):
+                break  # not a box: trailing bytes some writers leave
+            last = kind, end
+        if last is None:
+            return None
+        return last[1], f"truncated MP4 (ends inside its {last[0].decode()} box)"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        declared = int.from_bytes(head[4:8], "little") + 8
+        return (
+            (declared, f"truncated AVI ({size:,} of {declared:,} bytes)") if declared > 8 else None
+        )
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return _matroska_end(head, size)
+    return None
+
+
+def _matroska_end(head: bytes, size: int) -> tuple[int, str] | None:
+    """`_declared_end` of a Matroska/WebM file from its first bytes: the EBML header
+    element, then the Segment element's size."""
+    cut = (1 << 62, f"truncated Matroska/WebM ({size:,} bytes, inside its header)")
+    try:
+        header_size, position = _ebml_number(head, 4)
+        if header_size is None:
+            return None
+        position += header_size
+        if position + 5 > len(head):  # the file ends before the Segment's size
+            return cut if size < 64 else None
+        if head[position : position + 4] != b"\x18\x53\x80\x67":  # Segment
+            return None
+        segment_size, position = _ebml_number(head, position + 4)
+    except ValueError:  # cannot be read as EBML: cut inside a number, or not Matroska
+        return cut if size < 64 else None
+    if segment_size is None:  # "unknown": written live, nothing declared
+        return None
+    end = position + segment_size
+    return end, f"truncated Matroska/WebM ({size:,} of {end:,} bytes)"
+
+
+@dataclass(frozen=True)
+class _Structure:
+    """What a container's own structure says of the file: whether it says where the file
+    ends at all, and if the file ends before that, the reason."""
+
+    known: bool
+    cut: str | None
+
+
+def _structure(stream: BinaryIO) -> _Structure:
+    size = _stream_size(stream)
+    declared = _declared_end(stream, size)
+    if declared is None:
+        return _Structure(False, None)
+    end, reason = declared
+    return _Structure(True, reason if end > size else None)
+
+
+MPEG_PACK, MPEG_END = b"\x00\x00\x01\xba", b"\x00\x00\x01\xb9"
+
+
+def container_cut(stream: BinaryIO) -> str | None:
+    """Why a video that fails to open or shows no frames is truncated, when it is: it
+    ends before its own structure says, or (MPEG-PS, which declares no sizes) without the
+    end code a whole program stream ends with. Only headers and the last bytes are read.
+    The end code is only taken as evidence for a file that fails anyway: some writers
+    omit it."""
+    cut = _structure(stream).cut
+    if cut is None:
+        size = _stream_size(stream)
+        stream.seek(0)
+        if stream.read(4) == MPEG_PACK:
+            stream.seek(max(0, size - 4))
+            if stream.read(4) != MPEG_END:
+                cut = "truncated MPEG-PS (no end code)"
+    return cut
 
 
 def _open(stream: BinaryIO) -> InputContainer | str:
@@ -168,7 +267,10 @@ def _open(stream: BinaryIO) -> InputContainer | str:
     except av.error.FFmpegError as exc:
         if _is_iso_bmff(head) and _missing_moov(stream):
             return "cannot open video: truncated MP4 (no moov index)"
-        return f"cannot open video: {_short(exc)}"
+        cut = container_cut(stream)
+        if cut is None and isinstance(exc, av.error.EOFError) and _structure(stream).known:
+            return "cannot open video: nothing after its headers (no frames)"
+        return f"cannot open video: {cut or _short(exc)}"
 
 
 def _open_or_raise(stream: BinaryIO) -> InputContainer:
@@ -227,6 +329,7 @@ class _Span:
 
     default_duration: int  # for packets that carry none (`_frame_duration`)
     packets: int = 0
+    incomplete: int = 0  # packets the demuxer flags corrupt
     first_pts: int | None = None
     end_pts: int | None = None
 
@@ -235,6 +338,7 @@ class _Span:
         if not _counts(packet):
             return False
         self.packets += 1
+        self.incomplete += packet.is_corrupt
         if packet.pts is not None:
             end = packet.pts + (packet.duration or self.default_duration)
             self.end_pts = end if self.end_pts is None else max(self.end_pts, end)
@@ -332,7 +436,7 @@ def probe(stream: BinaryIO, use_metadata: bool = True) -> VideoInfo | str:
     with container:
         video = _video_stream(container)
         if video is None:
-            return "no video stream"
+            return container_cut(stream) or "no video stream"
         codec = video.codec_context.name if video.codec_context else None
         if not codec:
             return "no decoder for the video codec"
@@ -347,10 +451,9 @@ def probe(stream: BinaryIO, use_metadata: bool = True) -> VideoInfo | str:
             count, source = declared, "metadata"
         else:
             seen = _demux(container, video)
-            if seen.error:
-                return seen.error
-            if seen.span.packets == 0:
-                return "no video frames"
+            if seen.error or seen.span.packets == 0:
+                # A cut file says so before what its cut does to the demuxer.
+                return container_cut(stream) or seen.error or "no video frames"
             count, source, table = seen.span.packets, "demux", _table(seen)
             if table is not None:
                 start_pts = table.pts[0]
@@ -462,18 +565,22 @@ def check_video(
     plain loop's indices), so one pass both checks a video and uses its frames. It runs on
     this thread while the decoder is fed on another (`_decode_ahead`); an exception it
     raises stops the decoding and propagates."""
+    if not _stream_size(stream):
+        return 0, "zero bytes"
+    structure = _structure(stream)  # headers only, before the decoder moves the stream
     container = _open(stream)
     if isinstance(container, str):
         return 0, container
     with container:
         video = _video_stream(container)
         if video is None:
-            return 0, "no video stream"
+            return 0, structure.cut or "no video stream"
         video.codec_context.thread_type = "AUTO"
         if on_frame is None:
-            return _check_pass(container, video, declared_frames, lambda frame: None)
+            return _check_pass(container, video, declared_frames, structure, lambda frame: None)
         return _decode_ahead(
-            lambda emit: _check_pass(container, video, declared_frames, emit), on_frame
+            lambda emit: _check_pass(container, video, declared_frames, structure, emit),
+            on_frame,
         )
 
 
@@ -481,9 +588,12 @@ def _check_pass(
     container: InputContainer,
     video: VideoStream,
     declared_frames: int | None,
+    structure: _Structure,
     emit: Callable[[VideoFrame], None],
 ) -> tuple[int, str | None]:
-    """`check_video`'s decode loop, handing each decoded frame to `emit`."""
+    """`check_video`'s decode loop, handing each decoded frame to `emit`. When the data
+    ends before what the header declares, the file is truncated, unless its structure
+    shows it whole: then the header is what is wrong."""
     decoded, decode_error = 0, None
     span = _Span(_frame_duration(video))
     try:
@@ -499,17 +609,30 @@ def _check_pass(
                 except av.error.FFmpegError as exc:
                     decode_error = f"frame {decoded} fails to decode: {_short(exc)}"
     except av.error.FFmpegError as exc:
-        return decoded, f"unreadable after frame {span.packets}: {_short(exc)}"
+        unreadable = f"unreadable after frame {span.packets}: {_short(exc)}"
+        return decoded, f"{structure.cut}, {unreadable}" if structure.cut else unreadable
     packets = span.packets
+    whole = structure.known and structure.cut is None
     if declared_frames and packets < declared_frames:
+        if whole:
+            return decoded, f"header declares {declared_frames} frames, the data holds {packets}"
         return decoded, f"truncated: {decoded} of {declared_frames} frames decode"
     cut_short = _cut_short(container, video, span.first_pts, span.end_pts)
     if cut_short is not None:
         ends_at, declared_seconds = cut_short
+        if whole:
+            return decoded, (
+                f"header declares {declared_seconds:.1f} s, the frames end at {ends_at:.1f} s"
+            )
         expected = round(declared_seconds * (_fps(video) or 0))
         if expected > packets:
             return decoded, f"truncated: {decoded} of about {expected} frames decode"
         return decoded, f"truncated: frames end at {ends_at:.1f} of {declared_seconds:.1f} s"
+    if structure.cut:
+        return decoded, f"{structure.cut}: {decoded} frames decode"
+    if span.incomplete:
+        # The demuxer flags a packet whose data it could not read whole (a cut MPEG-PS).
+        return decoded, f"truncated or damaged: {span.incomplete} of {packets} packets incomplete"
     if decode_error:
         return decoded, decode_error
     if decoded < packets:

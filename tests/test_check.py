@@ -1,6 +1,7 @@
 """Check: planted corrupt files get their reason; valid images of every kind decode to RGB."""
 
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -138,3 +139,98 @@ def test_model_input_is_square_uint8_rgb() -> None:
     pixels = model_input(_decoded(VALID["jpeg"]()).image, 24)
     assert pixels.dtype == np.uint8
     assert pixels.shape == (24, 24, 3)
+
+
+# Every image format the check supports, cut at every kind of place: the reason names
+# the format and what happened to the file.
+FORMATS = {
+    "JPEG": lambda: encode(_photo(128), "JPEG"),
+    "PNG": lambda: encode(_photo(128), "PNG"),
+    "GIF": lambda: encode(_photo(128), "GIF"),
+    "BMP": lambda: encode(_photo(128), "BMP"),
+    "TIFF": lambda: encode(_photo(128), "TIFF"),
+    "WEBP": lambda: encode(_photo(128), "WEBP"),
+}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("kept", [2, 5, 10, 13, 16, 24, 32, 64, 0.25, 0.5, 0.9])
+def test_a_cut_image_of_every_format_is_called_truncated_and_named(
+    fmt: str, kept: int | float
+) -> None:
+    data = FORMATS[fmt]()
+    cut = data[: int(len(data) * kept) if isinstance(kept, float) else kept]
+    reason = decode_image(cut, max_pixels=LIMIT)
+    assert isinstance(reason, str) and reason.startswith(f"truncated {fmt}"), reason
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_zero_byte_file_of_every_format_says_zero_bytes(fmt: str) -> None:
+    assert decode_image(b"", max_pixels=LIMIT) == "zero bytes"
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"GIF89a\x30\x00", "truncated GIF (header only)"),
+        (b"GIF89a", "truncated GIF (header only)"),
+        (b"GIF8", "truncated GIF (header only)"),
+        (b"\x89PNG\r\n\x1a\n", "truncated PNG (header only)"),
+        (b"\xff\xd8\xff", "truncated JPEG (header only)"),
+        (b"RIFF\x10\x00\x00\x00WEB", "truncated WEBP"),
+        (b"II*\x00\x08\x00\x00\x00", "truncated TIFF (header only)"),
+        (b"BM\x36\x30\x00\x00", "truncated BMP (header only)"),
+        (b"BMW, a car; not a bitmap.\n" * 4, "not an image: text"),
+    ],
+)
+def test_a_header_alone_says_truncated_with_its_format(data: bytes, reason: str) -> None:
+    assert decode_image(data, max_pixels=LIMIT) == reason
+
+
+def test_a_cut_animation_is_truncated_not_header_only() -> None:
+    gif = _animated_gif()
+    assert decode_image(gif[: len(gif) * 3 // 4], max_pixels=LIMIT) == "truncated GIF"
+
+
+def test_a_bad_ihdr_crc_and_a_zero_width_png_say_so() -> None:
+    png = bytearray(encode(_photo(), "PNG"))
+    png[29] ^= 0x01  # the IHDR's CRC
+    assert decode_image(bytes(png), max_pixels=LIMIT) == "bad CRC in PNG IHDR chunk"
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", 0, 16, 8, 2, 0, 0, 0)
+    empty = (
+        b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr))
+    )
+    assert decode_image(empty, max_pixels=LIMIT) == "empty PNG (0x16)"
+
+
+def test_a_png_with_a_2_mb_icc_profile_is_valid() -> None:
+    profile = np.random.default_rng(0).integers(0, 256, 2_000_000, dtype=np.uint8).tobytes()
+    _decoded(encode(_photo(), "PNG", icc_profile=profile))
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "CMYK", "I;16", "F", "1", "L"])
+def test_conversion_in_bands_equals_the_whole_image_conversion(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tasks.inputs
+
+    rng = np.random.default_rng(1)
+    if mode == "I;16":
+        image = Image.fromarray(rng.integers(0, 65536, (37, 23), dtype=np.uint16))
+    elif mode == "F":
+        image = Image.fromarray(rng.normal(0, 100, (37, 23)).astype(np.float32))
+    else:
+        image = Image.fromarray(rng.integers(0, 256, (37, 23, 4), dtype=np.uint8), "RGBA")
+        image = image.convert(mode)
+    whole = np.asarray(tasks.inputs._to_rgb(image))
+    monkeypatch.setattr(tasks.inputs, "BAND_PIXELS", 23 * 5)  # bands of 5 rows
+    assert np.array_equal(np.asarray(tasks.inputs._to_rgb(image)), whole)
+
+
+def test_a_png_chunk_that_is_not_one_is_named_by_its_place_on_one_line() -> None:
+    """Found by the fuzz pass: a chunk type of non-letters (`NG\\r\\n`) put a newline in
+    the reason."""
+    png = encode(_photo(), "PNG")
+    broken = png[:33] + b"\x00\x00\x00\x05NG\r\nabcde" + png[33:]
+    assert decode_image(broken, max_pixels=LIMIT) == "broken PNG (no chunk at byte 33)"
+    assert png_chunk_problem(broken) == "broken PNG (no chunk at byte 33)"
