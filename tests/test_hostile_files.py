@@ -79,10 +79,11 @@ def test_every_hostile_input_is_processed_or_listed_with_its_reason(hostile_run)
     assert set(reasons) == {name for name, outcome in expected.items() if outcome != "ok"}
 
 
-def test_the_run_completes_and_counts_every_input(hostile_run) -> None:
+def test_the_run_completes_and_counts_every_input(hostile_run, reliability) -> None:
     expected, run, _, _ = hostile_run
     counts = json.loads((run / "report.json").read_text())["counts"]
     corrupt = {name for name, outcome in expected.items() if outcome != "ok"}
+    reliability.add(inputs=len(expected), lost=len(expected) - counts["processed"])
     assert counts["discovered"] == counts["processed"] == len(expected)
     assert counts["corrupt"] == len(corrupt)  # videos included
     assert counts["corrupt_videos"] == sum(not is_image(name) for name in corrupt)

@@ -433,10 +433,11 @@ def _tree(folder: Path, skip: Path) -> dict[bytes, tuple[int, int]]:
 
 @pytest.mark.slow
 def test_hostile_names_and_entries_end_to_end_then_a_rerun_sees_nothing_new(
-    tmp_path, run_curate
+    tmp_path, run_curate, reliability
 ) -> None:
     source = tmp_path / "in"
     expected = make_name_and_fs_cases(source)
+    reliability.add(inputs=len(expected))
     output = source / OUTPUT_FOLDER
     before = _tree(tmp_path, output)
     args = (f"input={source}", f"output={output}", "stopping_condition.proportion_samples=1")
