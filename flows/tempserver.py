@@ -10,7 +10,10 @@ lets Prefect's services flush, and then stops the server (Prefect's exit hook).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -42,6 +45,14 @@ def prefect_api() -> Iterator[None]:
         ) from None
     with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
         yield
+
+
+def _end_with_parent() -> None:
+    """In the server's process, before it starts: end when the command ends, even when
+    the command was killed outright (a new session no longer ends with its terminal)."""
+    PR_SET_PDEATHSIG = 1  # noqa: N806 (linux/prctl.h)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _log() -> Path:
@@ -80,6 +91,7 @@ class DetachedServer(SubprocessASGIServer):
                 **get_current_settings().to_environment_variables(exclude_unset=True),
             },
             start_new_session=True,
+            preexec_fn=_end_with_parent,
             stdout=subprocess.DEVNULL,
             stderr=log.open("ab"),
         )
