@@ -50,13 +50,12 @@ _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-def available_cores() -> int:
-    """The cores this process may run on. (The shared machine-facts module of issue 16,
-    tasks/resources.py, will own this, cgroup quotas included; until then, affinity.)"""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+def available_cores() -> float:
+    """The CPUs this process may use: its affinity mask capped by a cgroup CPU quota
+    (the machine's facts live in tasks/resources.py)."""
+    from tasks.resources import usable_cpus
+
+    return max(1.0, usable_cpus())
 
 
 class _Busy:
@@ -367,7 +366,7 @@ class Monitor:
             seconds = step.active.total
             figures: dict[str, Any] = {
                 "active_seconds": round(seconds, 3),
-                "cores": self.cores,
+                "cores": round(self.cores, 2),
                 "cpu_percent": round(100 * step.cpu_seconds / seconds, 1),
                 "cpu_wait_percent": round(100 * step.wait_seconds / seconds, 1),
                 "rss_peak_bytes": step.rss_peak,
@@ -385,7 +384,7 @@ class Monitor:
         return {
             "interval_seconds": self.interval,
             "samples": self.samples,
-            "cores": self.cores,
+            "cores": round(self.cores, 2),
             "gpu": self._gpu.name if self._gpu is not None else None,  # the steps' GPU
             "overhead_seconds": round(self.overhead, 3),
             "overhead_percent": round(100 * self.overhead / run_seconds, 2) if run_seconds else 0,
@@ -415,7 +414,7 @@ def verdict(
     reads = figures["reads_busy_percent"] / 100
     gpu = figures.get("gpu_util_percent")
     gpu_share = (gpu or 0.0) / 100
-    cpu = f"CPU {busy:.2f} of {cores} cores busy"
+    cpu = f"CPU {busy:.2f} of {cores:g} cores busy"
     if demand - busy >= 0.05:
         cpu += f" and {demand - busy:.2f} more waiting for a core"
     io = f"a read in flight {reads:.0%} of the time ({figures['reads_in_flight']:.1f} on average)"

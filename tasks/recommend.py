@@ -86,7 +86,7 @@ class Plan:
 
 @dataclass(frozen=True)
 class Machine:
-    vcpus: int
+    vcpus: float  # a cgroup quota may give a fraction
     ram_gb: float
     gpus: int = 0
     gpu: str | None = None  # what kind, in words
@@ -173,7 +173,7 @@ def _measured(
 
 
 def _embed_rate(
-    table: dict[str, Any], device: str, model: str, size: int, cores: int, notes: list[str]
+    table: dict[str, Any], device: str, model: str, size: int, cores: float, notes: list[str]
 ) -> float:
     """Images per second embedding `model` at `size` px (on a CPU, with `cores`)."""
     entry, factor = _measured(table, device, model, size, notes)
@@ -183,7 +183,7 @@ def _embed_rate(
     return float(rate)
 
 
-def _train_rate(table: dict[str, Any], device: str, size: int, cores: int) -> float:
+def _train_rate(table: dict[str, Any], device: str, size: int, cores: float) -> float:
     measured = table["train"][device]
     key = min(measured, key=lambda k: abs(math.log(int(k.split("@")[1]) / size)))
     entry = measured[key]
@@ -257,7 +257,7 @@ def estimate(
     bottleneck = f"{slowest} ({where}): {steps[slowest] / max(total, 1e-9):.0%} of the run"
     if overlapped:
         bottleneck += "; check and embed overlap"
-    name = f"{machine.vcpus} vCPU" + (f", {machine.gpu}" if device == "cuda" else ", no GPU")
+    name = f"{machine.vcpus:g} vCPU" + (f", {machine.gpu}" if device == "cuda" else ", no GPU")
     rounded = {k: round(v, 2) for k, v in steps.items()}
     return Estimate(name, device, size, round(total, 1), rounded, bottleneck, notes)
 
@@ -267,7 +267,7 @@ def _settings(
 ) -> tuple[dict[str, Any], list[str]]:
     """Workers and batch sizes for the machine, and why."""
     reasons = [
-        f"num_workers=-1: one decode thread per vCPU ({machine.vcpus}), as the Lightly "
+        f"num_workers=-1: one decode thread per vCPU ({machine.vcpus:g}), as the Lightly "
         "Worker's num_workers=-1 means all vCPUs"
     ]
     settings: dict[str, Any] = {"num_workers": -1, "embedding.input_size": estimate.input_size}
@@ -296,7 +296,7 @@ def _settings(
         }
         reasons.append(
             f"with orchestration.mode=pools: {workers} CPU-pool worker(s) of "
-            f"{machine.vcpus} vCPU per GPU worker keep the GPU fed (decoding takes "
+            f"{machine.vcpus:g} vCPU per GPU worker keep the GPU fed (decoding takes "
             f"{check:.0f} s, embedding {embed:.0f} s on one machine each)"
         )
     else:
@@ -384,7 +384,7 @@ def render(rec: Recommendation) -> str:
         f"dataset: {contents}: {w.frames:,} frames, {w.samples:,} samples ({w.source})",
         f"plan: {', '.join(steps)}, select; model {rec.plan.model}",
         "",
-        f"machine: {m.vcpus} vCPU, {m.ram_gb:g} GB RAM, {m.gpu}{vram}",
+        f"machine: {m.vcpus:g} vCPU, {m.ram_gb:g} GB RAM, {m.gpu}{vram}",
         "settings: "
         + " ".join(f"{k}={v}" for k, v in rec.settings.items() if not isinstance(v, dict)),
     ]
@@ -488,15 +488,11 @@ def _probe_videos(storage: Any, objects: list[Any]) -> list[tuple[int, float, fl
 
 
 def this_machine() -> Machine:
-    """The machine this runs on: its usable cores, memory and NVIDIA GPUs. (The shared
-    machine-facts module of issue 16, tasks/resources.py, will own this, cgroup limits
-    included.)"""
-    from tasks.monitor import available_cores
+    """The machine this runs on: its usable CPUs and memory (cgroup limits included, from
+    tasks/resources.py) and its NVIDIA GPUs (from NVML, not torch: the command stays
+    quick)."""
+    from tasks.resources import memory_facts, usable_cpus
 
-    ram = 0.0
-    for line in _read_text("/proc/meminfo").splitlines():
-        if line.startswith("MemTotal:"):
-            ram = int(line.split()[1]) * 1024 / 1e9
     gpus, name, vram = 0, None, 0.0
     try:
         import pynvml
@@ -510,14 +506,8 @@ def this_machine() -> Machine:
         pynvml.nvmlShutdown()
     except Exception:  # no NVIDIA driver here: no GPU
         gpus = 0
-    return Machine(available_cores(), round(ram, 1), gpus, name, round(vram, 1), "this machine")
-
-
-def _read_text(path: str) -> str:
-    try:
-        return Path(path).read_text()
-    except OSError:
-        return ""
+    ram = memory_facts()[0] / 1e9
+    return Machine(usable_cpus(), round(ram, 1), gpus, name, round(vram, 1), "this machine")
 
 
 # `curate recommend` arguments that describe a dataset by numbers, not by a location.

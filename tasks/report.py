@@ -339,7 +339,7 @@ def bottlenecks_section(data: ReportData) -> Section:
         reasons.append((name, step.get("why", "")))
     note = (
         f"What bound each step, from the threads' CPU (running, or runnable and waiting for "
-        f"one of the {facts['cores']} cores), the share of the step's time with a read in "
+        f"one of the {facts['cores']:g} cores), the share of the step's time with a read in "
         f"flight and the GPU's utilisation ({facts['gpu'] or 'no GPU'}), sampled every "
         f"{facts['interval_seconds']} s: CPU-bound wants more cores, I/O-bound faster or "
         f"closer storage, GPU-bound a faster GPU. Attribution: {facts['attribution']}. "

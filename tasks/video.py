@@ -58,6 +58,8 @@ from av.video.frame import VideoFrame
 from av.video.reformatter import VideoReformatter
 from av.video.stream import VideoStream
 
+from tasks.monitor import step_threads
+
 _Result = TypeVar("_Result")
 
 # A decoded stream may end this much before the duration its container declares without
@@ -676,7 +678,11 @@ def _decode_ahead(
                 continue
         raise _Stopped
 
+    adopt = step_threads()  # the decoding counts for the calling step (the monitor)
+
     def run() -> None:
+        if adopt is not None:
+            adopt()
         try:
             outcome.append(produce(put))
         except BaseException as exc:  # handed to the consumer's thread
