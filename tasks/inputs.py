@@ -4,11 +4,9 @@ back, from the .npy parts the check wrote or, when they are gone, by decoding ag
 
 from __future__ import annotations
 
-import ctypes
 import io
 import logging
 import math
-import platform
 import struct
 import threading
 import warnings
@@ -32,6 +30,12 @@ T = TypeVar("T")
 
 # We check the pixel count ourselves, against the configured limit, before decoding.
 Image.MAX_IMAGE_PIXELS = None
+# Pillow keeps an image in blocks of at most this many bytes. At 16 MB (its default) glibc
+# serves them from the decoding thread's malloc arena, which keeps them for that thread
+# when freed: six threads decoding 16 Mpx images one at a time held 330 MB where one image
+# needs 80. Blocks above glibc's largest mmap threshold (32 MB) are mapped and unmapped
+# whole, so a large image's memory goes back when the image is freed (90 MB here).
+Image.core.set_block_size(128 << 20)
 # Pillow refuses a PNG whose text or ICC chunk inflates past 1 MB (a zlib bomb guard), but
 # ICC profiles of a few MB are real (press CMYK profiles): 16 MB still bounds a bomb.
 PngImagePlugin.MAX_TEXT_CHUNK = 16 << 20
@@ -116,22 +120,6 @@ class PixelBudget:
 
 # The process's budget; each check sets its limit from `corruptness_check.pixels_in_flight`.
 PIXELS_IN_FLIGHT = PixelBudget(DEFAULT_MAX_IMAGE_PIXELS)
-
-
-def _libc_malloc_trim() -> Callable[[int], int] | None:
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim  # type: ignore[no-any-return]
-    except (OSError, AttributeError):
-        return None
-
-
-# glibc keeps what a thread freed in that thread's malloc arena, for its own next
-# allocations: six threads decoding 16 Mpx images one at a time held 340 MB where one
-# image needs 80. After a large image, give the free pages of every arena back.
-_malloc_trim = _libc_malloc_trim()
-TRIM_AFTER_PIXELS = 1 << 22
 
 
 @dataclass
@@ -329,15 +317,15 @@ def _open_image(
     except Exception as exc:  # Pillow raises many types for broken headers
         return _header_reason(data, exc)
     fmt = image.format or "image"
-    try:
-        n_frames = getattr(image, "n_frames", 1)  # reads every frame's header
-    except Exception as exc:
-        return _decode_reason(fmt, exc)
     width, height = image.size
     if width * height > max_pixels:
         return f"decompression bomb: {width * height / 1e6:.0f} Mpx"
     if width == 0 or height == 0:
         return f"empty {fmt} ({width}x{height})"
+    try:
+        n_frames = getattr(image, "n_frames", 1)  # reads every frame's header
+    except Exception as exc:
+        return _decode_reason(fmt, exc)
     if full_check and fmt == "PNG":
         problem = png_chunk_problem(data)
         if problem:
@@ -394,17 +382,17 @@ def decode_then(
         return opened
     with budget.hold(opened.pixels):
         decoded = _load(opened, full_check)
+        # Free each image as soon as it is not needed (the image as decoded, RGBA or 16-bit,
+        # once its RGB copy exists; the RGB one once `use` is done), before the budget
+        # admits the next decode.
+        if isinstance(decoded, str) or decoded.image is not opened.image:
+            opened.image.close()
         if isinstance(decoded, str):
-            result: T | str = decoded
-        else:
-            if decoded.image is not opened.image:
-                opened.image.close()  # as decoded (RGBA, 16-bit...): only its RGB copy is used
-            result = use(decoded)
+            return decoded
+        try:
+            return use(decoded)
+        finally:
             decoded.image.close()
-        # The image is freed before the next decode may start: give its pages back.
-        if _malloc_trim is not None and opened.pixels >= TRIM_AFTER_PIXELS:
-            _malloc_trim(0)
-    return result
 
 
 # Pixels converted at once: the conversion's temporaries stay a few megabytes however large

@@ -30,8 +30,12 @@ What this module decides, and why:
 - Corruption (short human reasons, as for images): cannot be opened, no video stream, the
   data ends before what the container declares (truncated: fewer packets than its frame
   count, or packets ending well before its duration), a frame the decoder rejects, frames
-  the decoder silently drops. A truncated file takes precedence over the decode error its
-  cut-off last packet causes: "truncated" says what happened to the file.
+  the decoder silently drops, packets the demuxer could not read whole. A truncated file
+  takes precedence over the decode error its cut-off last packet causes: "truncated" says
+  what happened to the file. The container's own structure tells a cut file from a lying
+  header: MP4/MOV top-level boxes, the AVI RIFF size and the Matroska Segment size say
+  where the file ends; a file that ends there but holds fewer frames or seconds than its
+  header declares says "header declares ...", one that ends before says "truncated ...".
 - Memory. Decoding yields one frame at a time (a generator over the demuxer); nothing holds
   all frames of a video. Decoding uses FFmpeg's frame and slice threads ("AUTO").
 """
@@ -567,8 +571,6 @@ def check_video(
     plain loop's indices), so one pass both checks a video and uses its frames. It runs on
     this thread while the decoder is fed on another (`_decode_ahead`); an exception it
     raises stops the decoding and propagates."""
-    if not _stream_size(stream):
-        return 0, "zero bytes"
     structure = _structure(stream)  # headers only, before the decoder moves the stream
     container = _open(stream)
     if isinstance(container, str):

@@ -14,6 +14,7 @@ exported byte for byte, and whoever displays it applies the tag).
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import tempfile
@@ -120,7 +121,8 @@ def _palette_with_transparency() -> bytes:
     return _encode(image, "PNG", transparency=0)
 
 
-def _image_cases() -> dict[str, tuple[Callable[[], bytes], str]]:
+def image_cases() -> dict[str, tuple[Callable[[], bytes], str]]:
+    """The image kinds: {name: (how to make its bytes, outcome)}."""
     jpeg = _encode(_picture(256, 192, seed=1), "JPEG")
     png = _encode(_picture(seed=2), "PNG")
     gif = _encode(_picture(seed=3), "GIF")
@@ -217,45 +219,60 @@ def _absurd_frame_count(avi: bytes) -> bytes:
     return bytes(patched)
 
 
-def _video_cases() -> dict[str, tuple[Callable[[], bytes], str]]:
-    mp4 = video_bytes(Spec("libx264", "mp4", frames=24, options=FASTSTART))
-    moov_at_end = video_bytes(Spec("libx264", "mp4", frames=24))
-    mov = video_bytes(Spec("libx264", "mov", frames=24))
-    mkv = video_bytes(Spec("mjpeg", "matroska", frames=20))
-    webm = video_bytes(Spec("libvpx-vp9", "webm", frames=20))
-    avi = video_bytes(Spec("mpeg4", "avi", frames=24))
-    mpg = video_bytes(Spec("mpeg2video", "mpeg", frames=48))
+@functools.cache
+def _base_video(kind: str) -> bytes:
+    """The valid videos the video cases are made from, encoded once, when first needed."""
+    specs = {
+        "mp4": Spec("libx264", "mp4", frames=24, options=FASTSTART),
+        "moov-at-end": Spec("libx264", "mp4", frames=24),
+        "mov": Spec("libx264", "mov", frames=24),
+        "mkv": Spec("mjpeg", "matroska", frames=20),
+        "webm": Spec("libvpx-vp9", "webm", frames=20),
+        "avi": Spec("mpeg4", "avi", frames=24),
+        "mpg": Spec("mpeg2video", "mpeg", frames=48),
+    }
+    return video_bytes(specs[kind])
 
-    def half(data: bytes) -> Callable[[], bytes]:
-        return lambda: data[: len(data) // 2]
+
+def video_cases() -> dict[str, tuple[Callable[[], bytes], str]]:
+    """The video kinds: {name: (how to make its bytes, outcome)}."""
+
+    def whole(kind: str) -> Callable[[], bytes]:
+        return lambda: _base_video(kind)
+
+    def half(kind: str) -> Callable[[], bytes]:
+        return lambda: _base_video(kind)[: len(_base_video(kind)) // 2]
 
     cases: dict[str, tuple[Callable[[], bytes], str]] = {
         f"videos/zero-bytes.{ext}": (lambda: b"", "zero bytes")
         for ext in ("mp4", "mov", "mkv", "webm", "avi", "mpg")
     }
     cases |= {
-        "videos/valid.mp4": (lambda: mp4, "ok"),
-        "videos/valid.webm": (lambda: webm, "ok"),
-        "videos/cut-faststart.mp4": (half(mp4), "truncated"),
-        "videos/cut-moov-at-end.mp4": (half(moov_at_end), "truncated MP4 (no moov index)"),
-        "videos/cut.mov": (half(mov), "truncated MP4"),
-        "videos/cut.mkv": (half(mkv), "truncated"),
-        "videos/cut.webm": (half(webm), "truncated"),
-        "videos/cut.avi": (half(avi), "truncated"),
-        "videos/cut.mpg": (half(mpg), "truncated"),
-        "videos/header-only.mkv": (lambda: mkv[:24], "truncated Matroska/WebM"),
-        "videos/header-only.mp4": (lambda: mp4[:100], "truncated MP4"),
+        "videos/valid.mp4": (whole("mp4"), "ok"),
+        "videos/valid.webm": (whole("webm"), "ok"),
+        "videos/cut-faststart.mp4": (half("mp4"), "truncated"),
+        "videos/cut-moov-at-end.mp4": (half("moov-at-end"), "truncated MP4 (no moov index)"),
+        "videos/cut.mov": (half("mov"), "truncated MP4"),
+        "videos/cut.mkv": (half("mkv"), "truncated"),
+        "videos/cut.webm": (half("webm"), "truncated"),
+        "videos/cut.avi": (half("avi"), "truncated"),
+        "videos/cut.mpg": (half("mpg"), "truncated"),
+        "videos/header-only.mkv": (lambda: _base_video("mkv")[:24], "truncated Matroska/WebM"),
+        "videos/header-only.mp4": (lambda: _base_video("mp4")[:100], "truncated MP4"),
         "videos/audio-only.mp4": (audio_only, "no video stream"),
         "videos/zero-frames.avi": (lambda: _zero_frames("avi", "mpeg4"), "no video frames"),
         "videos/zero-frames.mkv": (lambda: _zero_frames("matroska", "mjpeg"), "no frames"),
         "videos/zero-frames.mp4": (lambda: _zero_frames("mp4", "libx264"), "no video stream"),
-        "videos/absurd-duration.mkv": (lambda: _absurd_duration(mkv), "header declares 356400"),
+        "videos/absurd-duration.mkv": (
+            lambda: _absurd_duration(_base_video("mkv")),
+            "header declares 356400",
+        ),
         "videos/absurd-frame-count.mp4": (
-            lambda: _absurd_frame_count_mp4(mp4),
+            lambda: _absurd_frame_count_mp4(_base_video("mp4")),
             "header declares 1000000000 frames",
         ),
         "videos/absurd-frame-count.avi": (
-            lambda: _absurd_frame_count(avi),
+            lambda: _absurd_frame_count(_base_video("avi")),
             "header declares 1000000000 frames",
         ),
         "videos/random-bytes.mp4": (lambda: random_bytes(8192, seed=21), "cannot open video"),
@@ -268,7 +285,7 @@ def make_file_cases(folder: Path) -> dict[str, str]:
     """Write one hostile or unusual input per kind under `folder`; returns {name: "ok" or
     a substring of its reason}."""
     expected = {}
-    for name, (make, outcome) in (_image_cases() | _video_cases()).items():
+    for name, (make, outcome) in (image_cases() | video_cases()).items():
         path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(make())

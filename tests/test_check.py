@@ -5,9 +5,11 @@ import zlib
 
 import numpy as np
 import pytest
+from hostile_files import image_cases
 from PIL import Image
 
 from flows.demo import corrupt_files, encode, photo_crops
+from tasks.check import inspect_image
 from tasks.inputs import Decoded, decode_image, model_input, png_chunk_problem
 
 LIMIT = 178_956_970
@@ -234,3 +236,19 @@ def test_a_png_chunk_that_is_not_one_is_named_by_its_place_on_one_line() -> None
     broken = png[:33] + b"\x00\x00\x00\x05NG\r\nabcde" + png[33:]
     assert decode_image(broken, max_pixels=LIMIT) == "broken PNG (no chunk at byte 33)"
     assert png_chunk_problem(broken) == "broken PNG (no chunk at byte 33)"
+
+
+HOSTILE_IMAGES = image_cases()
+
+
+@pytest.mark.parametrize(
+    "name",
+    sorted(set(HOSTILE_IMAGES) - {"images/bomb-just-under.png"}),  # 179 Mpx: slow
+)
+def test_every_hostile_image_gets_its_outcome_from_the_check(name: str) -> None:
+    make, outcome = HOSTILE_IMAGES[name]
+    result = inspect_image(name, make(), LIMIT, True, 16)
+    if outcome == "ok":
+        assert not isinstance(result, str), result
+    else:
+        assert isinstance(result, str) and outcome in result, result

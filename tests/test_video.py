@@ -15,6 +15,7 @@ from typing import BinaryIO
 import av
 import numpy as np
 import pytest
+from hostile_files import video_cases
 from videos import VALID, long_video, make_video_folder, video_bytes, write_video
 
 from tasks import video
@@ -487,3 +488,21 @@ def test_videos_in_memory_work_too() -> None:
     info = probe(stream, use_metadata=True)
     assert not isinstance(info, str) and info.codec == "mjpeg" and info.frame_count == 40
     assert [i for i, _ in read_frames(stream, [39], info.table)] == [39]
+
+
+HOSTILE_VIDEOS = video_cases()
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_VIDEOS))
+def test_every_hostile_video_gets_its_outcome_from_the_check(name: str) -> None:
+    make, outcome = HOSTILE_VIDEOS[name]
+    stream = io.BytesIO(make())
+    info = probe(stream, use_metadata=False)
+    if isinstance(info, str):
+        reason: str | None = info
+    else:
+        _, reason = check_video(stream, info.declared_frames)
+    if outcome == "ok":
+        assert reason is None
+    else:
+        assert reason is not None and outcome in reason, reason
