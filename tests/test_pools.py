@@ -146,10 +146,14 @@ def test_a_pooled_run_checks_on_two_cpu_workers_embeds_on_the_gpu_pool_and_equal
     checks, embeds = _children(env, "check/curate-cpu"), _children(env, "embed/curate-gpu")
     (report,) = reports(out)
     shards = report["steps"]["check"]["shards"]
-    assert len(checks) == len(embeds) and 2 < len(checks) < shards  # batches of shards
+    # Jobs, not runs: on a loaded machine a child its worker did not start within
+    # child_lost_after_seconds is re-dispatched, as a second run of the same name.
+    check_jobs, embed_jobs = {r["name"] for r in checks}, {r["name"] for r in embeds}
+    assert len(check_jobs) == len(embed_jobs) and 2 < len(check_jobs) < shards  # batches
     assert {r["work_pool_name"] for r in checks} == {"curate-cpu"}
     assert {r["work_pool_name"] for r in embeds} == {"curate-gpu"}
-    assert all(r["state"]["type"] == "COMPLETED" for r in checks + embeds)
+    completed = {r["name"] for r in checks + embeds if r["state"]["type"] == "COMPLETED"}
+    assert completed == check_jobs | embed_jobs
     taken = _workers_of(tmp_path / "workers", [r["id"] for r in checks])
     assert {w for names in taken.values() for w in names} == {"curate-cpu-0", "curate-cpu-1"}
     assert all(r["parent_task_run_id"] for r in checks), "children show under the pipeline"
