@@ -148,8 +148,17 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         workeroutput["reliability"] = dict(_reliability.counts)
 
 
-def pytest_testnodedown(node: object, error: object) -> None:  # xdist's controller
-    _reliability.counts.update(getattr(node, "workeroutput", {}).get("reliability", {}))
+class _FromXdistWorkers:
+    """xdist's controller adds each worker's counts (a hook that exists with xdist only)."""
+
+    @staticmethod
+    def pytest_testnodedown(node: object, error: object) -> None:
+        _reliability.counts.update(getattr(node, "workeroutput", {}).get("reliability", {}))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_FromXdistWorkers())
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
