@@ -40,8 +40,7 @@ DEFAULT_INTERVAL = 0.25  # seconds between samples: ~0.3 % of one core, see `ove
 # The verdict's thresholds, as shares of what the step had (cores, GPU, its wall time).
 GPU_BOUND = 0.6  # the GPU busy (a kernel running) this share of the samples
 CPU_BOUND = 0.7  # threads running or runnable on this share of the cores
-IO_BOUND = 0.5  # at least one read in flight this share of the step's time ...
-IO_CPU_AT_MOST = 0.5  # ... while the CPU stayed under this share of the cores
+IO_BOUND = 0.5  # a read in flight this share of the step's time, more than the cores' share
 ONE_CORE = 0.8  # a step that keeps one core this busy and waits on nothing else
 CHILDREN_EVERY = 4  # samples between look-ups of the run's child processes
 ROUGH_SECONDS = 0.5  # a step shorter than two samples gets a rough figure, and says so
@@ -421,10 +420,11 @@ def verdict(
     gpu_text = f"GPU busy {gpu_share:.0%} of the time" if gpu is not None else "no GPU"
     if gpu is not None and gpu_share >= GPU_BOUND:
         label, why = "GPU-bound", f"{gpu_text}: a faster GPU would help; {cpu}"
+    elif reads >= IO_BOUND and reads > cpu_share:
+        label = "I/O-bound"
+        why = f"{io} while {cpu} ({cpu_share:.0%} of them): faster or closer storage would help"
     elif cpu_share >= CPU_BOUND:
         label, why = "CPU-bound", f"{cpu} ({cpu_share:.0%} of them): more cores would help"
-    elif reads >= IO_BOUND and cpu_share < IO_CPU_AT_MOST:
-        label, why = "I/O-bound", f"{io} while {cpu}: faster or closer storage would help"
     elif demand >= ONE_CORE and reads < IO_BOUND:
         label = "CPU-bound"
         why = f"{cpu}: about one core's worth, so one thread (or Python's GIL) limits it; {io}"
