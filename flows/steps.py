@@ -101,8 +101,12 @@ def submit_check(
     """The check step (with metadata and model inputs) of one shard."""
     from tasks.check import check_shard
     from tasks.frames import check_video_shard
+    from tasks.inputs import PIXELS_IN_FLIGHT
 
     s = settings
+    # The budget is the process's (its decode threads and its model-input path): set here,
+    # where every shard passes, cached or not.
+    PIXELS_IN_FLIGHT.set_limit(s.pixels_in_flight)
     options = step_options("check", shard.title, results)
     if shard.kind == "video":
         return check_video_shard.with_options(**options).submit(  # type: ignore[call-overload, no-any-return]
@@ -124,7 +128,6 @@ def submit_check(
         s.full_check,
         s.input_size,
         s.num_workers,
-        s.pixels_in_flight,
         wait_for=wait_for or [],
     )
 
