@@ -122,14 +122,18 @@ def submit_check(
     runner or on `runner` (a RayTaskRunner)."""
     from tasks.check import check_shard
     from tasks.frames import check_video_shard
+    from tasks.inputs import PIXELS_IN_FLIGHT
 
     s = settings
+    # The budget is the process's (its decode threads and its model-input path): set here,
+    # where every shard passes, cached or not.
+    PIXELS_IN_FLIGHT.set_limit(s.pixels_in_flight)
     options = step_options("check", shard.title, results)
     if shard.kind == "video":
         video = check_video_shard.with_options(**options)
         frames = (s.every_nth_frame, s.use_frame_count_metadata, s.keep_decodable_frames, s.chunk)
         return _submit(video, (shard, s.input, s.output, s.input_size, *frames), wait_for, runner)
-    images = (s.max_image_pixels, s.full_check, s.input_size, s.num_workers, s.pixels_in_flight)
+    images = (s.max_image_pixels, s.full_check, s.input_size, s.num_workers)
     return _submit(
         check_shard.with_options(**options), (shard, s.input, s.output, *images), wait_for, runner
     )

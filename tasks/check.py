@@ -17,7 +17,7 @@ import numpy as np
 from tasks.caching import cached_step, current_step_key
 from tasks.describe import describe, metadata_frame
 from tasks.formats import npy_bytes, to_parquet_bytes
-from tasks.inputs import DEFAULT_MAX_IMAGE_PIXELS, PIXELS_IN_FLIGHT, decode_then, model_input
+from tasks.inputs import decode_then, model_input
 from tasks.keys import artifact_key
 from tasks.shards import CheckedShard, Shard, read_manifest
 from tasks.storage import (
@@ -86,12 +86,9 @@ def check_shard(
     full_check: bool,
     input_size: int,
     num_workers: int,
-    pixels_in_flight: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> CheckedShard:
     """Check, describe and prepare model inputs for one shard, reading each object once.
-    `pixels_in_flight` bounds the decoded pixels this process holds (`PixelBudget`); it
-    is the process's, so the last check's setting applies to every decode in it."""
-    PIXELS_IN_FLIGHT.set_limit(pixels_in_flight)
+    Decoding holds the process's pixel budget (`inputs.PIXELS_IN_FLIGHT`)."""
     key = current_step_key()
     started = time.perf_counter()
     output, source = open_storage(output_url), open_storage(input_url)

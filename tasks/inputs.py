@@ -118,7 +118,8 @@ class PixelBudget:
                 self._changed.notify_all()
 
 
-# The process's budget; each check sets its limit from `corruptness_check.pixels_in_flight`.
+# The process's budget; `flows.steps.submit_check` sets its limit from the config's
+# `corruptness_check.pixels_in_flight`.
 PIXELS_IN_FLIGHT = PixelBudget(DEFAULT_MAX_IMAGE_PIXELS)
 
 

@@ -52,7 +52,7 @@ def artifact_key(step: str, key: str, suffix: str) -> str:
 
 
 # Parameters that change how fast a step runs, not what it computes.
-NOT_IDENTITY = frozenset({"num_workers", "batch_size", "chunk", "pixels_in_flight"})
+NOT_IDENTITY = frozenset({"num_workers", "batch_size", "chunk"})
 
 
 def step_key(step: str, parameters: dict[str, Any]) -> str:
