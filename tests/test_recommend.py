@@ -147,4 +147,5 @@ def test_the_estimate_for_a_run_here_is_within_2x_of_the_run(
     started = time.perf_counter()
     run_curate(*args, f"output={tmp_path / 'out'}")
     measured = time.perf_counter() - started
+    print(f"estimated {here['seconds']:.1f} s here, the run took {measured:.1f} s")  # -s shows
     assert 0.5 <= measured / here["seconds"] <= 2, (measured, here)
