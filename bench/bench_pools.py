@@ -166,13 +166,14 @@ def main() -> None:
             deployment.workers("curate-cpu", args.cpu_workers)
             deployment.workers("curate-gpu", 1)
             started = time.perf_counter()
-            deployment.run("curate/pools", {
+            pipeline = deployment.run("curate/pools", {
                 "input": str(folder), "output": str(tmp / "b-pools"),
                 "stopping_condition": {"proportion_samples": 0.05},
                 "embedding": {"input_size": 64}, "num_workers": args.threads,
                 "orchestration": {"mode": "pools", "samples_per_child": args.samples_per_child},
             })  # fmt: skip
             pooled = time.perf_counter() - started
+            timeline = children_timeline(deployment, pipeline)
         finally:
             deployment.close()
     print(f"{args.images} images (96 px JPEG) on {cores} cores")
@@ -185,6 +186,39 @@ def main() -> None:
         f"children of {args.samples_per_child} samples)"
     )
     print(f"   ratio pooled / in-process: {pooled / local:.2f} (target <= 1.15)")
+    print(timeline)
+
+
+def children_timeline(deployment: Deployment, pipeline: dict[str, Any]) -> str:
+    """Where the pooled run's time went: per child, seconds from the pipeline's start to
+    its creation, its start (the worker's poll and the process start until the flow runs)
+    and its end."""
+    from datetime import datetime
+
+    children = api(deployment.env, "POST", "/flow_runs/filter", {
+        "flow_runs": {"parent_flow_run_id": {"any_": [pipeline["id"]]}}, "limit": 200,
+    })  # fmt: skip
+    if not children:  # run_deployment's children are linked by a parent task run
+        children = [
+            run
+            for run in api(deployment.env, "POST", "/flow_runs/filter", {"limit": 200})
+            if run["id"] != pipeline["id"]
+            and run["start_time"]
+            and run["start_time"] >= pipeline["start_time"]
+        ]
+    zero = datetime.fromisoformat(pipeline["start_time"])
+
+    def at(value: str | None) -> float:
+        return (datetime.fromisoformat(value) - zero).total_seconds() if value else float("nan")
+
+    lines = [f"   pipeline: {pipeline['total_run_time']:.1f} s of flow run time; children:"]
+    for run in sorted(children, key=lambda r: r["created"]):
+        lines.append(
+            f"   {run['name'][:40]:40s} created {at(run['created']):6.1f}  "
+            f"started {at(run['start_time']):6.1f}  ended {at(run['end_time']):6.1f}  "
+            f"(ran {run['total_run_time']:.1f} s)"
+        )
+    return "\n".join(lines)
 
 
 def check_only(deployment: Deployment, folder: Path, output: Path, batch: int) -> float:

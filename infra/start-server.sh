@@ -33,6 +33,10 @@ esac
 export PREFECT_SERVER_ANALYTICS_ENABLED="${PREFECT_SERVER_ANALYTICS_ENABLED:-false}"  # heartbeat
 export DO_NOT_TRACK="${DO_NOT_TRACK:-1}"  # the SDK's usage events (Prefect 3.8)
 export PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT="${PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT:-false}"
+# Concurrency leases (a run's slot on its output, a deployment's limit) on disk in
+# $PREFECT_HOME, not in the server's memory: a restarted server still knows who holds a
+# slot, so it comes back when the run ends or its lease expires, instead of never.
+export PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE="${PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE:-prefect.server.concurrency.lease_storage.filesystem}"
 # This script's own client calls (the pools) go to the address the server listens on.
 case "$host" in
   0.0.0.0 | :: | localhost) client_host=127.0.0.1 ;;

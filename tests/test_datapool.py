@@ -283,14 +283,18 @@ class _SlowStorage(LocalStorage):
 
 
 def _commit_forever(url: str) -> None:
-    """The child of the crash test: commit one object more, again and again."""
+    """The child of the crash test: commit one object more, again and again; says when
+    its first commit is done."""
     storage = _SlowStorage(url)
-    print("ready", flush=True)
+    first = True
     while True:
         previous = load_datapool(storage)
         objects, selected, vectors = _state(previous.size + 1)
         new = merge(previous, objects.tail(1), selected.tail(1), vectors[-1:], MODEL)
         commit(storage, previous, new, "r1", keep_history=2)
+        if first:
+            print("committed", flush=True)
+            first = False
 
 
 def test_a_commit_killed_at_any_moment_leaves_a_whole_version(tmp_path: Path) -> None:
@@ -303,7 +307,9 @@ def test_a_commit_killed_at_any_moment_leaves_a_whole_version(tmp_path: Path) ->
         child = subprocess.Popen(
             [sys.executable, "-c", code], stdout=subprocess.PIPE, env=env, text=True
         )
-        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        # The kill lands at a random moment of a later commit (a loaded machine may take
+        # longer than the sleep for the child's start and first commit).
+        assert child.stdout is not None and child.stdout.readline() == "committed\n"
         time.sleep(rng.uniform(0.05, 0.6))
         child.send_signal(signal.SIGKILL)
         child.wait()

@@ -1,6 +1,7 @@
 """Faults, as an unattended user meets them: SIGINT (a terminal's Ctrl-C, to the whole
-process group) and SIGTERM at random points of a `curate run`, 20 runs triggered at once
-on one deployment, 5 datapools filled in parallel. After each: the process ends within
+process group) and SIGTERM at random points of a `curate run`, the Prefect server
+restarted under a deployment run, 20 runs triggered at once on one deployment, 5
+datapools filled in parallel. After each: the process ends within
 seconds and cleanly, a rerun completes, and the datapool holds every object exactly once."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +23,8 @@ from deploys import (
     deploy,
     digits,
     reports,
+    start_server,
+    stop,
     tail,
     wait_for_runs,
 )
@@ -105,9 +109,52 @@ def test_sigint_and_sigterm_at_random_points_exit_within_seconds_and_a_rerun_com
 
 def _trigger(env: dict[str, str], deployment: str, n: int = 1) -> list[str]:
     found = api(env, "GET", f"/deployments/name/{deployment}")
-    return [
-        api(env, "POST", f"/deployments/{found['id']}/create_flow_run", {})["id"] for _ in range(n)
-    ]
+    path = f"/deployments/{found['id']}/create_flow_run"
+    # Keyed, so that a creation that timed out on a loaded server can be sent again.
+    keys = [uuid.uuid4().hex for _ in range(n)]
+    return [api(env, "POST", path, {"idempotency_key": key})["id"] for key in keys]
+
+
+@pytest.mark.slow
+def test_the_server_restarted_under_a_deployment_run_then_a_rerun_completes(
+    tmp_path, reliability
+) -> None:
+    # The run holds its output's concurrency slot (a lease on the server) when the server
+    # goes away. Before leases were kept on disk, the restarted server had forgotten the
+    # lease, the slot was never given back and every later run waited for it forever.
+    folder, out = digits(tmp_path / "in", 300), tmp_path / "out"
+    with start_server(tmp_path) as env:
+        port = int(env["PREFECT_PORT"])
+        deploy(env, folder, out)
+        worker = subprocess.Popen(
+            [env["PREFECT"], "worker", "start", "--pool", "curate-local"],
+            env=env | {"PREFECT_WORKER_QUERY_SECONDS": "2"},
+            cwd=tmp_path,
+            stdout=(tmp_path / "worker.log").open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        (first_id,) = _trigger(env, "curate/full")
+        deadline = time.monotonic() + 300
+        while not any((out / "cache").glob("check*/*")):  # the run is at work
+            assert time.monotonic() < deadline, tail(tmp_path / "worker.log")
+            assert worker.poll() is None, tail(tmp_path / "worker.log")
+            time.sleep(0.2)
+    reliability.add(faults=1)  # the server is gone for a few seconds
+    try:
+        time.sleep(3)
+        with start_server(tmp_path, port=port) as env:
+            (first,) = wait_for_runs(env, [first_id], timeout=600)
+            # It resumed and completed, or ended as failed or crashed: it never hangs.
+            assert first["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED"), first["state"]
+            (second,) = wait_for_runs(env, _trigger(env, "curate/full"), timeout=600)
+            assert second["state"]["type"] == "COMPLETED", (
+                second["state"],
+                tail(tmp_path / "worker.log"),
+            )
+            _whole(out, _keys(folder), reliability)
+    finally:
+        stop(worker)
 
 
 @pytest.mark.slow
