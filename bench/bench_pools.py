@@ -211,7 +211,10 @@ def children_timeline(deployment: Deployment, pipeline: dict[str, Any]) -> str:
     def at(value: str | None) -> float:
         return (datetime.fromisoformat(value) - zero).total_seconds() if value else float("nan")
 
-    lines = [f"   pipeline: {pipeline['total_run_time']:.1f} s of flow run time; children:"]
+    lines = [
+        f"   pipeline: created {at(pipeline['created']):.1f}, ended {at(pipeline['end_time']):.1f} "
+        f"({pipeline['total_run_time']:.1f} s of flow run time); children:"
+    ]
     for run in sorted(children, key=lambda r: r["created"]):
         lines.append(
             f"   {run['name'][:40]:40s} created {at(run['created']):6.1f}  "

@@ -40,6 +40,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.artifacts import RunProgress, publish_run, summary_line
 from flows.preflight import apply_credentials, check_output
+from flows.slots import global_slot, output_limit_name
 from flows.steps import step_options
 from flows.streams import Streams, check_model, replace_plan, stream_shards
 from tasks.config import CurateConfig, as_flow_parameters, parse_config
@@ -68,8 +69,6 @@ from tasks.weights import resolve_weights
 
 # How many corrupt files the flow log names (all are in corrupt_filenames.txt).
 LOGGED_CORRUPT = 10
-# A dead deployment run's slot on its output comes back when its lease expires.
-OUTPUT_SLOT_LEASE_SECONDS = 60
 
 
 def _now() -> str:
@@ -97,52 +96,18 @@ def run_name() -> str:
     return f"{deployment.name or 'curate'} {started} {source}"
 
 
-def output_limit_name(output_url: str) -> str:
-    """The global concurrency limit that keeps deployment runs on one output apart."""
-    return f"curate-output-{hashlib.sha256(output_url.encode()).hexdigest()[:16]}"
-
-
 @contextlib.contextmanager
 def one_run_per_output(output_url: str, logger: Any) -> Iterator[None]:
     """Deployment runs on one output queue behind each other, whichever deployment they
     come from (`full`, `incremental`, `local`): a Prefect global concurrency limit of 1
-    named after the output, created on first use. A run that died gives its slot back
-    when its lease expires. Runs outside a deployment (`curate run`) rely on the
+    named after the output. Runs outside a deployment (`curate run`) rely on the
     datapool lock alone, which fails fast with the holder's name."""
     from prefect.runtime import deployment
 
     if deployment.id is None:
         yield
         return
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    name = output_limit_name(output_url)
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            with contextlib.suppress(ObjectAlreadyExists):  # another run made it just now
-                client.create_global_concurrency_limit(
-                    GlobalConcurrencyLimitCreate(name=name, limit=1)
-                )
-    waited = time.monotonic()
-    with concurrency(
-        name,
-        occupy=1,
-        strict=True,
-        lease_duration=OUTPUT_SLOT_LEASE_SECONDS,
-        raise_on_lease_renewal_failure=False,
-    ):
-        if time.monotonic() - waited > 1:
-            logger.info(
-                "waited %.0f s for other runs on %s (concurrency limit %s)",
-                time.monotonic() - waited,
-                output_url,
-                name,
-            )
+    with global_slot(output_limit_name(output_url), 1, logger, f"other runs on {output_url}"):
         yield
 
 

@@ -22,6 +22,7 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import TaskRunner
 from pydantic import BaseModel
 
+from flows.slots import device_limit_name, global_slot
 from tasks.caching import OutputResults, result_storage
 from tasks.config import CurateConfig
 from tasks.keys import artifact_key, content_key
@@ -102,6 +103,7 @@ class EmbedSettings(BaseModel):
     batch_size: int
     num_workers: int  # loader threads; -1: planned by the machine that embeds
     ask: Ask = Ask()  # resources.embed, for that plan
+    per_device: int = 1  # orchestration.embeds_per_device
 
     def planned(self, on_gpu: bool) -> EmbedSettings:
         """As `CheckSettings.planned`, for the embedding machine."""
@@ -250,19 +252,28 @@ def embed(job: EmbedJob) -> str:
     """Embed a batch of checked shards from their model inputs on this machine's device;
     returns the key of their results in the output location."""
     from tasks.device import pick_device
+    from tasks.models import get_embedder
 
     device = pick_device(job.settings.device)
     settings = job.settings.planned(on_gpu=device.type == "cuda")
-    get_run_logger().info(
-        "embedding %d shards with %s on %s (%s)",
-        len(job.shards),
-        job.settings.model,
-        device,
-        platform.node(),
-    )
-    results = result_storage(open_storage(job.settings.output))
+    logger = get_run_logger()
+    results = result_storage(open_storage(settings.output))
     futures: list[PrefectFuture[Any]] = []
     with stop_threads_on_sigterm():  # a cancelled child stops within one batch
-        for shard, checked in zip(job.shards, job.checked, strict=True):
-            futures.append(submit_embed(shard, checked, settings, results, wait_for=futures[-1:]))
-        return _finish("embed", job, job.settings.output, futures, str(device))
+        # The model is built before the device's slot is taken: while one child embeds,
+        # the next starts its process, imports torch and builds its model.
+        get_embedder(settings.model, settings.weights, settings.checkpoint, device)
+        why = f"the other embeddings on {device}"
+        with global_slot(device_limit_name(str(device)), settings.per_device, logger, why):
+            logger.info(
+                "embedding %d shards with %s on %s (%s)",
+                len(job.shards),
+                settings.model,
+                device,
+                platform.node(),
+            )
+            for shard, checked in zip(job.shards, job.checked, strict=True):
+                futures.append(
+                    submit_embed(shard, checked, settings, results, wait_for=futures[-1:])
+                )
+            return _finish("embed", job, settings.output, futures, str(device))

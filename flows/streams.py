@@ -69,6 +69,7 @@ class EmbeddingPlan:
             batch_size=config.embedding.batch_size,
             num_workers=num_proc or ask.num_proc or -1,
             ask=ask,
+            per_device=config.orchestration.embeds_per_device,
         )
 
 

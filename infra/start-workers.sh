@@ -2,8 +2,11 @@
 # Process workers for one work pool, on this machine, until Ctrl-C (or SIGTERM).
 #   infra/start-workers.sh curate-cpu 2          # two CPU workers
 #   CURATE_GPUS=0,1 infra/start-workers.sh curate-gpu   # one worker per GPU
-# Each worker runs one flow run at a time (--limit; CURATE_RUNS_PER_WORKER to change it),
-# so that N CPU workers are N checks at once and a GPU embeds one batch at a time.
+# A CPU worker runs one flow run at a time (--limit 1), so that N CPU workers are N checks
+# at once. A GPU worker (a pool named *gpu*) takes two: the second starts its process and
+# builds its model while the first embeds, and the embed flow's slot per device (a global
+# concurrency limit, orchestration.embeds_per_device) keeps the GPU to one embedding at a
+# time. CURATE_RUNS_PER_WORKER sets --limit for any pool.
 # CURATE_GPUS: one worker per listed GPU, each with CUDA_VISIBLE_DEVICES set to it.
 # Run from anywhere; needs PREFECT_API_URL (and PREFECT_API_AUTH_STRING if the server
 # has one). Worker logs: $CURATE_WORKER_LOGS/<pool>-<n>.log (default: the terminal).
@@ -12,7 +15,10 @@ cd "$(dirname "$0")/.."
 PREFECT="${PREFECT:-.venv/bin/prefect}"
 pool="${1:?usage: infra/start-workers.sh POOL [N]}"
 count="${2:-1}"
-limit="${CURATE_RUNS_PER_WORKER:-1}"
+case "$pool" in
+  *gpu*) limit="${CURATE_RUNS_PER_WORKER:-2}" ;;
+  *) limit="${CURATE_RUNS_PER_WORKER:-1}" ;;
+esac
 : "${PREFECT_API_URL:?set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)}"
 # Flow runs send a heartbeat every 30 s: the pipeline tells a lost child by them.
 export PREFECT_FLOWS_HEARTBEAT_FREQUENCY="${PREFECT_FLOWS_HEARTBEAT_FREQUENCY:-30}"

@@ -443,6 +443,13 @@ class Orchestration(_Section):
         description="Child runs per pool submitted and not finished at once (more queue in "
         "this run); at least the pool's workers times their --limit keeps every worker busy.",
     )
+    embeds_per_device: int = Field(
+        1,
+        ge=1,
+        description="Embedding children that one device (a GPU; a CPU-only worker's machine) "
+        "runs at once, held by a global concurrency limit per device. A GPU worker takes two "
+        "children: the next one starts its process and builds its model while one embeds.",
+    )
     child_attempts: int = Field(
         3,
         ge=1,

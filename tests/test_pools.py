@@ -157,6 +157,14 @@ def test_a_pooled_run_checks_on_two_cpu_workers_embeds_on_the_gpu_pool_and_equal
     taken = _workers_of(tmp_path / "workers", [r["id"] for r in checks])
     assert {w for names in taken.values() for w in names} == {"curate-cpu-0", "curate-cpu-1"}
     assert all(r["parent_task_run_id"] for r in checks), "children show under the pipeline"
+    # The GPU worker takes two children, but the device embeds one at a time (its slot).
+    embedding = api(env, "POST", "/task_runs/filter", {
+        "task_runs": {"name": {"like_": "embed "}, "state": {"type": {"any_": ["COMPLETED"]}}},
+        "limit": 200,
+    })  # fmt: skip
+    spans = sorted((r["start_time"], r["end_time"]) for r in embedding if r["start_time"])
+    assert len(spans) >= len(embed_jobs)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans
 
     dataset = sum(p.stat().st_size for p in folder.iterdir())
     assert report["steps"]["check"]["bytes_read"] == dataset  # one read of the input
