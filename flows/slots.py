@@ -16,6 +16,7 @@ import platform
 import re
 import time
 from collections.abc import Iterator
+from typing import Any
 
 # A dead holder's slot comes back when its lease expires.
 SLOT_LEASE_SECONDS = 60
@@ -35,7 +36,9 @@ def device_limit_name(device: str) -> str:
 
 
 @contextlib.contextmanager
-def global_slot(name: str, limit: int, logger: logging.Logger, why: str) -> Iterator[None]:
+def global_slot(
+    name: str, limit: int, logger: logging.Logger | logging.LoggerAdapter[Any], why: str
+) -> Iterator[None]:
     """Hold one slot of the global concurrency limit `name` (made with `limit` slots if
     it does not exist; an existing one is set to `limit`). Logs how long it waited, and
     for what (`why`)."""
