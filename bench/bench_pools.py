@@ -195,17 +195,10 @@ def children_timeline(deployment: Deployment, pipeline: dict[str, Any]) -> str:
     and its end."""
     from datetime import datetime
 
+    # run_deployment's children: runs whose parent task run is in the pipeline's run.
     children = api(deployment.env, "POST", "/flow_runs/filter", {
         "flow_runs": {"parent_flow_run_id": {"any_": [pipeline["id"]]}}, "limit": 200,
     })  # fmt: skip
-    if not children:  # run_deployment's children are linked by a parent task run
-        children = [
-            run
-            for run in api(deployment.env, "POST", "/flow_runs/filter", {"limit": 200})
-            if run["id"] != pipeline["id"]
-            and run["start_time"]
-            and run["start_time"] >= pipeline["start_time"]
-        ]
     zero = datetime.fromisoformat(pipeline["start_time"])
 
     def at(value: str | None) -> float:

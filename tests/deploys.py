@@ -181,18 +181,23 @@ def deploy(server: dict[str, str], folder: Path, out: Path) -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def worker(server: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A process worker on the pipeline's pool, started after the deployments."""
-    log = (tmp_path / "worker.log").open("wb")
-    process = subprocess.Popen(
+def start_pipeline_worker(env: dict[str, str], tmp_path: Path) -> subprocess.Popen[bytes]:
+    """A process worker on curate-local, logging to `tmp_path/worker.log` (appended: a
+    worker started again keeps the first one's lines)."""
+    return subprocess.Popen(
         [PREFECT, "worker", "start", "--pool", "curate-local"],
-        env=server | {"PREFECT_WORKER_QUERY_SECONDS": "2"},
+        env=env | {"PREFECT_WORKER_QUERY_SECONDS": "2"},
         cwd=tmp_path,
-        stdout=log,
+        stdout=(tmp_path / "worker.log").open("ab"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+
+
+@pytest.fixture
+def worker(server: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A process worker on the pipeline's pool, started after the deployments."""
+    process = start_pipeline_worker(server, tmp_path)
     try:
         yield process
     finally:

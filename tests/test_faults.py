@@ -23,6 +23,7 @@ from deploys import (
     deploy,
     digits,
     reports,
+    start_pipeline_worker,
     start_server,
     stop,
     tail,
@@ -126,14 +127,7 @@ def test_the_server_restarted_under_a_deployment_run_then_a_rerun_completes(
     with start_server(tmp_path) as env:
         port = int(env["PREFECT_PORT"])
         deploy(env, folder, out)
-        worker = subprocess.Popen(
-            [env["PREFECT"], "worker", "start", "--pool", "curate-local"],
-            env=env | {"PREFECT_WORKER_QUERY_SECONDS": "2"},
-            cwd=tmp_path,
-            stdout=(tmp_path / "worker.log").open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        worker = start_pipeline_worker(env, tmp_path)
         (first_id,) = _trigger(env, "curate/full")
         deadline = time.monotonic() + 300
         while not any((out / "cache").glob("check*/*")):  # the run is at work
