@@ -12,10 +12,14 @@ only what was lost. The GPU pool reads the model inputs the CPU pool wrote, not 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import platform
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from prefect import Task, flow, get_run_logger
 from prefect.futures import PrefectFuture
@@ -25,6 +29,7 @@ from pydantic import BaseModel
 from flows.slots import device_limit_name, global_slot
 from tasks.caching import OutputResults, result_storage
 from tasks.config import CurateConfig
+from tasks.errors import CurateError
 from tasks.keys import artifact_key, content_key
 from tasks.resources import Ask, asks_of, step_plan
 from tasks.shards import CheckedShard, EmbeddedShard, Shard
@@ -184,10 +189,13 @@ class CheckJob(BaseModel):
 
 
 class EmbedJob(BaseModel):
-    """A batch of checked shards for the GPU pool."""
+    """A batch of shards for the GPU pool: checked already (`checked`), or being checked
+    by the check job whose results are at `check_results` (its shards, in order), each
+    embedded as soon as its check is done."""
 
     shards: list[Shard]
-    checked: list[CheckedShard]
+    checked: list[CheckedShard] = []
+    check_results: str | None = None
     settings: EmbedSettings
 
 
@@ -197,19 +205,76 @@ def job_result_key(step: str, job: BaseModel) -> str:
     return artifact_key(f"{step}-job", content_key(step, job=job.model_dump(mode="json")), ".json")
 
 
+def shard_results_folder(job_key: str) -> str:
+    """Where a check flow leaves each shard's result the moment it has it (`0.json`,
+    `1.json`, ... in the job's order), for the embed child that waits for them."""
+    return job_key.removesuffix(".json")
+
+
+def checked_shard(raw: dict[str, Any]) -> CheckedShard:
+    """A CheckedShard from its JSON."""
+    return CheckedShard(**{**raw, "inputs": tuple(raw["inputs"])})
+
+
 def _finish(
     step: str, job: BaseModel, output_url: str, futures: list[PrefectFuture[Any]], device: str
 ) -> str:
-    """Wait for the shards' task runs in order; write what they returned, which came
-    from the cache, and where it ran."""
+    """Wait for the shards' task runs in order, each shard's result written as it comes;
+    then write what they returned, which came from the cache, and where it ran."""
+    output = open_storage(output_url)
+    key = job_result_key(step, job)
     results, cached = [], []
-    for future in futures:
+    for position, future in enumerate(futures):
         results.append(dataclasses.asdict(future.result()))
         cached.append(future.state.name == "Cached")
-    key = job_result_key(step, job)
+        if step == "check":
+            part = f"{shard_results_folder(key)}/{position}.json"
+            output.write(part, json.dumps(results[-1]).encode())
     report = {"shards": results, "cached": cached, "host": platform.node(), "device": device}
-    open_storage(output_url).write(key, json.dumps(report).encode())
+    output.write(key, json.dumps(report).encode())
     return key
+
+
+# How often an embed child looks for its next checked shard, and for its pipeline's state.
+CHECKED_POLL_SECONDS = 0.5
+PIPELINE_POLL_SECONDS = 15.0
+
+
+def _checked_as_they_come(job: EmbedJob) -> Iterator[CheckedShard]:
+    """The job's checked shards in order: given, or each read once its check child has
+    written it. Waits as long as the pipeline run that dispatched both is running (its
+    check child may queue behind others); a pipeline that ended leaves nothing to wait for."""
+    if job.check_results is None:
+        yield from job.checked
+        return
+    from prefect.runtime import flow_run
+
+    output = open_storage(job.settings.output)
+    folder = shard_results_folder(job.check_results)
+    pipeline = flow_run.get_parent_flow_run_id()
+    looked = time.monotonic()
+    for position, shard in enumerate(job.shards):
+        part = f"{folder}/{position}.json"
+        while not output.exists(part):
+            if pipeline and time.monotonic() - looked > PIPELINE_POLL_SECONDS:
+                looked = time.monotonic()
+                _stop_unless_running(pipeline)
+            time.sleep(CHECKED_POLL_SECONDS)
+        checked = checked_shard(json.loads(output.read(part)))
+        assert checked.shard_index == shard.index, (checked.shard_index, shard.index)
+        yield checked
+
+
+def _stop_unless_running(flow_run_id: str) -> None:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(UUID(flow_run_id)).state
+    if state is not None and state.is_final():
+        raise CurateError(
+            f"the pipeline run {flow_run_id} ended ({state.name}) before this job's shards "
+            "were checked"
+        )
 
 
 def job_run_name() -> str:
@@ -263,6 +328,9 @@ def embed(job: EmbedJob) -> str:
         # The model is built before the device's slot is taken: while one child embeds,
         # the next starts its process, imports torch and builds its model.
         get_embedder(settings.model, settings.weights, settings.checkpoint, device)
+        # Nor is the device held while this job's first shard is being checked.
+        coming = _checked_as_they_come(job)
+        first = next(coming)
         why = f"the other embeddings on {device}"
         with global_slot(device_limit_name(str(device)), settings.per_device, logger, why):
             logger.info(
@@ -272,7 +340,7 @@ def embed(job: EmbedJob) -> str:
                 device,
                 platform.node(),
             )
-            for shard, checked in zip(job.shards, job.checked, strict=True):
+            for shard, checked in zip(job.shards, itertools.chain([first], coming), strict=True):
                 futures.append(
                     submit_embed(shard, checked, settings, results, wait_for=futures[-1:])
                 )

@@ -24,7 +24,9 @@ from flows.steps import (
     CheckSettings,
     EmbedJob,
     EmbedSettings,
+    checked_shard,
     job_result_key,
+    shard_results_folder,
     submit_check,
     submit_embed,
 )
@@ -334,12 +336,21 @@ class PooledStreams(Streams):
             self._dispatch_checks()
 
     def _dispatch_checks(self) -> None:
+        """A check child for the batch and, unless embedding waits for the whole
+        dataset, its embed child at once: it starts its process and builds its model
+        while the shards are checked, and embeds each the moment it is."""
         assert self.plan is not None
         job = CheckJob(
             shards=self.batch, settings=CheckSettings.of(self.config, self.plan.input_size)
         )
         self.batch = []
+        key = job_result_key("check", job)
+        # Another run's results for the same job would point to model inputs since deleted.
+        self.output.delete(key)
+        self.output.delete_folder(shard_results_folder(key))
         self._submit("check", f"check/{self.settings.cpu_pool}", job, self._checks_done)
+        if not self.deferred:
+            self._dispatch_embeds(job.shards, check_results=key)
 
     def _submit(self, step: str, deployment: str, job: Any, on_done: Any) -> None:
         shards = job.shards
@@ -349,18 +360,22 @@ class PooledStreams(Streams):
 
     def _checks_done(self, child: Child, report: dict[str, Any]) -> None:
         job = cast(CheckJob, child.job)
-        checked = []
         for shard, raw, cached in zip(job.shards, report["shards"], report["cached"], strict=True):
-            result = CheckedShard(**{**raw, "inputs": tuple(raw["inputs"])})
-            self.checked[shard.index] = (result, cached)
-            checked.append(result)
+            self.checked[shard.index] = (checked_shard(raw), cached)
             self._finished("check", shard.count)
-        if not self.deferred:
-            self._dispatch_embeds(job.shards, checked)
 
-    def _dispatch_embeds(self, shards: list[Shard], checked: list[CheckedShard]) -> None:
-        assert self.plan is not None
-        job = EmbedJob(shards=shards, checked=checked, settings=self.embed_settings())
+    def _dispatch_embeds(
+        self,
+        shards: list[Shard],
+        checked: list[CheckedShard] | None = None,
+        check_results: str | None = None,
+    ) -> None:
+        job = EmbedJob(
+            shards=shards,
+            checked=checked or [],
+            check_results=check_results,
+            settings=self.embed_settings(),
+        )
         self._submit("embed", f"embed/{self.settings.gpu_pool}", job, self._embeds_done)
 
     def _embeds_done(self, child: Child, report: dict[str, Any]) -> None:

@@ -2,11 +2,13 @@
 # Process workers for one work pool, on this machine, until Ctrl-C (or SIGTERM).
 #   infra/start-workers.sh curate-cpu 2          # two CPU workers
 #   CURATE_GPUS=0,1 infra/start-workers.sh curate-gpu   # one worker per GPU
-# A CPU worker runs one flow run at a time (--limit 1), so that N CPU workers are N checks
-# at once. A GPU worker (a pool named *gpu*) takes two: the second starts its process and
-# builds its model while the first embeds, and the embed flow's slot per device (a global
-# concurrency limit, orchestration.embeds_per_device) keeps the GPU to one embedding at a
-# time. CURATE_RUNS_PER_WORKER sets --limit for any pool.
+# A pipeline worker (curate-local) runs one pipeline at a time (--limit 1): runs it cannot
+# start yet wait in the queue, not in the server's 20 s retries of a refused slot. A CPU
+# worker runs one flow run at a time too, so that N CPU workers are N checks at once. A
+# GPU worker (a pool named *gpu*) takes two: the second starts its process and builds its
+# model while the first embeds, and the embed flow's slot per device (a global concurrency
+# limit, orchestration.embeds_per_device) keeps the GPU to one embedding at a time.
+# CURATE_RUNS_PER_WORKER sets --limit for any pool.
 # CURATE_GPUS: one worker per listed GPU, each with CUDA_VISIBLE_DEVICES set to it.
 # Run from anywhere; needs PREFECT_API_URL (and PREFECT_API_AUTH_STRING if the server
 # has one). Worker logs: $CURATE_WORKER_LOGS/<pool>-<n>.log (default: the terminal).

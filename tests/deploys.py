@@ -181,27 +181,32 @@ def deploy(server: dict[str, str], folder: Path, out: Path) -> dict[str, str]:
     return env
 
 
-def start_pipeline_worker(env: dict[str, str], tmp_path: Path) -> subprocess.Popen[bytes]:
-    """A process worker on curate-local, logging to `tmp_path/worker.log` (appended: a
-    worker started again keeps the first one's lines)."""
-    return subprocess.Popen(
-        [PREFECT, "worker", "start", "--pool", "curate-local"],
+@contextlib.contextmanager
+def pipeline_workers(
+    env: dict[str, str], tmp_path: Path, count: int = 1
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`infra/start-workers.sh curate-local COUNT`, as the README starts them: each worker
+    runs one pipeline at a time. Their lines go to `tmp_path/worker.log` (appended: workers
+    started again keep the first ones' lines)."""
+    process = subprocess.Popen(
+        [str(REPO / "infra/start-workers.sh"), "curate-local", str(count)],
         env=env | {"PREFECT_WORKER_QUERY_SECONDS": "2"},
         cwd=tmp_path,
         stdout=(tmp_path / "worker.log").open("ab"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    try:
+        yield process
+    finally:
+        stop(process)
 
 
 @pytest.fixture
 def worker(server: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """A process worker on the pipeline's pool, started after the deployments."""
-    process = start_pipeline_worker(server, tmp_path)
-    try:
+    with pipeline_workers(server, tmp_path) as process:
         yield process
-    finally:
-        stop(process)
 
 
 def digits(folder: Path, n: int = 40) -> Path:

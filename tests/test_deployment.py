@@ -20,6 +20,7 @@ from deploys import (
     api,
     deploy,
     digits,
+    pipeline_workers,
     prefect_cli,
     reports,
     tail,
@@ -164,20 +165,27 @@ def _screenshots(env: dict[str, str], run_id: str, artifacts: list[str], folder:
 
 @pytest.mark.slow
 def test_deployments_on_one_output_queue_behind_each_other_and_take_one_section_per_run(
-    server, tmp_path, worker
+    server, tmp_path
 ):
     folder, out = digits(tmp_path / "in"), tmp_path / "out"
     env = deploy(server, folder, out)
     full = api(env, "GET", "/deployments/name/curate/full")
     incremental = api(env, "GET", "/deployments/name/curate/incremental")
-    # Back to back through the API, then one section overridden through the CLI.
-    first = api(env, "POST", f"/deployments/{full['id']}/create_flow_run", {})
-    second = api(env, "POST", f"/deployments/{incremental['id']}/create_flow_run", {})
-    printed = prefect_cli(
-        env, "deployment", "run", "curate/full", "--param", 'stopping_condition={"n_samples": 2}'
-    )
-    third = printed.split("UUID:")[1].split()[0]
-    runs = wait_for_runs(env, [first["id"], second["id"], third])
+    # Two workers, so that runs of two deployments start at once and meet the output's slot.
+    with pipeline_workers(env, tmp_path, 2):
+        # Back to back through the API, then one section overridden through the CLI.
+        first = api(env, "POST", f"/deployments/{full['id']}/create_flow_run", {})
+        second = api(env, "POST", f"/deployments/{incremental['id']}/create_flow_run", {})
+        printed = prefect_cli(
+            env,
+            "deployment",
+            "run",
+            "curate/full",
+            "--param",
+            'stopping_condition={"n_samples": 2}',
+        )
+        third = printed.split("UUID:")[1].split()[0]
+        runs = wait_for_runs(env, [first["id"], second["id"], third])
     assert [r["state"]["type"] for r in runs] == ["COMPLETED"] * 3, tail(tmp_path / "worker.log")
     done = reports(out)
     # Their work never overlapped (a run waiting for the output's slot is Running too).

@@ -6,6 +6,7 @@ seconds and cleanly, a rerun completes, and the datapool holds every object exac
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -22,10 +23,9 @@ from deploys import (
     api,
     deploy,
     digits,
+    pipeline_workers,
     reports,
-    start_pipeline_worker,
     start_server,
-    stop,
     tail,
     wait_for_runs,
 )
@@ -124,18 +124,18 @@ def test_the_server_restarted_under_a_deployment_run_then_a_rerun_completes(
     # goes away. Before leases were kept on disk, the restarted server had forgotten the
     # lease, the slot was never given back and every later run waited for it forever.
     folder, out = digits(tmp_path / "in", 300), tmp_path / "out"
-    with start_server(tmp_path) as env:
-        port = int(env["PREFECT_PORT"])
-        deploy(env, folder, out)
-        worker = start_pipeline_worker(env, tmp_path)
-        (first_id,) = _trigger(env, "curate/full")
-        deadline = time.monotonic() + 300
-        while not any((out / "cache").glob("check*/*")):  # the run is at work
-            assert time.monotonic() < deadline, tail(tmp_path / "worker.log")
-            assert worker.poll() is None, tail(tmp_path / "worker.log")
-            time.sleep(0.2)
-    reliability.add(faults=1)  # the server is gone for a few seconds
-    try:
+    with contextlib.ExitStack() as stack:  # the worker outlives the first server
+        with start_server(tmp_path) as env:
+            port = int(env["PREFECT_PORT"])
+            deploy(env, folder, out)
+            worker = stack.enter_context(pipeline_workers(env, tmp_path))
+            (first_id,) = _trigger(env, "curate/full")
+            deadline = time.monotonic() + 300
+            while not any((out / "cache").glob("check*/*")):  # the run is at work
+                assert time.monotonic() < deadline, tail(tmp_path / "worker.log")
+                assert worker.poll() is None, tail(tmp_path / "worker.log")
+                time.sleep(0.2)
+        reliability.add(faults=1)  # the server is gone for a few seconds
         time.sleep(3)
         with start_server(tmp_path, port=port) as env:
             (first,) = wait_for_runs(env, [first_id], timeout=600)
@@ -147,19 +147,19 @@ def test_the_server_restarted_under_a_deployment_run_then_a_rerun_completes(
                 tail(tmp_path / "worker.log"),
             )
             _whole(out, _keys(folder), reliability)
-    finally:
-        stop(worker)
 
 
 @pytest.mark.slow
 def test_twenty_runs_at_once_on_one_deployment_are_serialised_and_all_complete(
-    server, tmp_path, worker, reliability
+    server, tmp_path, reliability
 ) -> None:
     folder, out = digits(tmp_path / "in", 60), tmp_path / "out"
     env = deploy(server, folder, out)
-    run_ids = _trigger(env, "curate/incremental", 20)
-    reliability.add(faults=20)
-    runs = wait_for_runs(env, run_ids, timeout=900)
+    # Two workers: one runs a run, the other's runs are refused by the deployment's limit.
+    with pipeline_workers(env, tmp_path, 2):
+        run_ids = _trigger(env, "curate/incremental", 20)
+        reliability.add(faults=20)
+        runs = wait_for_runs(env, run_ids, timeout=900)
     states = [r["state"]["type"] for r in runs]
     assert states == ["COMPLETED"] * 20, (states, tail(tmp_path / "worker.log"))
     done = reports(out)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,15 @@ def test_a_pooled_run_checks_on_two_cpu_workers_embeds_on_the_gpu_pool_and_equal
     taken = _workers_of(tmp_path / "workers", [r["id"] for r in checks])
     assert {w for names in taken.values() for w in names} == {"curate-cpu-0", "curate-cpu-1"}
     assert all(r["parent_task_run_id"] for r in checks), "children show under the pipeline"
+    # Each job's embed child is dispatched with its check child, not after it: it starts
+    # its process while the shards are checked and embeds each one as soon as it is.
+    checked_at = {r["name"].split(" ", 1)[1]: r["end_time"] for r in checks if r["end_time"]}
+    dispatched: dict[str, str] = {}
+    for r in embeds:  # the first run of each job (a lost one is dispatched again later)
+        job = r["name"].split(" ", 1)[1]
+        dispatched[job] = min(dispatched.get(job, r["created"]), r["created"])
+    late = {job: at for job, at in dispatched.items() if _when(at) >= _when(checked_at[job])}
+    assert not late, (late, checked_at)
     # The GPU worker takes two children, but the device embeds one at a time (its slot).
     embedding = api(env, "POST", "/task_runs/filter", {
         "task_runs": {"name": {"like_": "embed "}, "state": {"type": {"any_": ["COMPLETED"]}}},
@@ -187,6 +197,10 @@ def test_a_pooled_run_checks_on_two_cpu_workers_embeds_on_the_gpu_pool_and_equal
         timeout=120,
     )
     assert refused.returncode == 1 and "no deployment sanity/nowhere" in refused.stderr
+
+
+def _when(timestamp: str) -> datetime:
+    return datetime.fromisoformat(timestamp)
 
 
 def _run_dir(out: Path) -> Path:
@@ -250,3 +264,43 @@ def test_a_cpu_worker_killed_mid_run_loses_nothing_the_run_completes_with_the_sa
     objects = load_datapool(open_storage(str(out))).objects
     assert objects["key"].is_unique and len(objects) == 321
     _same_result(_run_dir(out), _in_process(env, folder, tmp_path / "local"))
+
+
+def test_an_embed_job_takes_each_checked_shard_the_moment_its_check_child_writes_it(tmp_path):
+    import dataclasses
+    import json
+    import threading
+
+    from flows.steps import EmbedJob, EmbedSettings, _checked_as_they_come, shard_results_folder
+    from tasks.shards import CheckedShard, Shard
+
+    shards = [Shard(i, f"id{i}", f"m{i}", 10, 100) for i in (4, 5, 6)]
+    key = "cache/check-job/abc.json"
+    job = EmbedJob.model_construct(
+        shards=shards,
+        checked=[],
+        check_results=key,
+        settings=EmbedSettings.model_construct(output=str(tmp_path)),
+    )
+    folder = tmp_path / shard_results_folder(key)
+    written: dict[int, float] = {}
+
+    def check_child() -> None:  # writes each shard's result a little after the last
+        folder.mkdir(parents=True)
+        for position, shard in enumerate(shards):
+            time.sleep(0.3)
+            result = CheckedShard(shard.index, "meta", "bad", ("in",), True, 9, 1, 100, 0.1)
+            (folder / f"{position}.json").write_text(json.dumps(dataclasses.asdict(result)))
+            written[position] = time.monotonic()
+
+    writer = threading.Thread(target=check_child)
+    writer.start()
+    taken = []
+    for checked in _checked_as_they_come(job):
+        taken.append((checked.shard_index, time.monotonic()))
+        assert checked.inputs == ("in",)
+    writer.join()
+    assert [index for index, _ in taken] == [4, 5, 6]
+    # Each one is taken as it is written (within a poll or two), not once all are.
+    for position, (_, at) in enumerate(taken):
+        assert written[position] <= at < written[position] + 1.0
