@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP_QUIET := --quiet --disable-pip-version-check --no-warn-script-location
 
-.PHONY: install emulators demo test test-fast lint type-check bench clean
+.PHONY: install emulators demo test test-fast test-reliability lint type-check bench clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,11 @@ test: install emulators lint type-check
 
 test-fast: install emulators
 	$(PY) -m pytest -q -m "not slow"
+
+# Hostile inputs, faults, load and secrets alone; ends with the line of inputs tried,
+# faults injected and objects lost.
+test-reliability: install emulators
+	$(PY) -m pytest -q -n auto --dist worksteal -m reliability
 
 lint: install
 	$(VENV)/bin/ruff check flows tasks tests bench

@@ -9,6 +9,7 @@ import resource
 import time
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -17,6 +18,8 @@ from flows.demo import encode
 from tasks.check import inspect_image
 from tasks.describe import metadata_frame
 from tasks.inputs import DECODE_BYTES_PER_PIXEL
+
+pytestmark = pytest.mark.reliability  # make test-reliability
 
 # Small enough that a mutated header cannot make one input expensive, large enough that
 # every seed decodes.

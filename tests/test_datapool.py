@@ -37,6 +37,8 @@ from tasks.errors import CurateError
 from tasks.formats import to_parquet_bytes
 from tasks.storage import LocalStorage, ObjectInfo, Storage, open_storage
 
+pytestmark = pytest.mark.reliability  # make test-reliability
+
 MODEL = {"name": "resnet18", "weights": "ssl-run-1"}
 
 

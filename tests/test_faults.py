@@ -33,6 +33,8 @@ from deploys import (
 from tasks.datapool import load_datapool
 from tasks.storage import open_storage
 
+pytestmark = pytest.mark.reliability  # make test-reliability
+
 if TYPE_CHECKING:
     from conftest import Reliability
 

@@ -24,7 +24,7 @@ def _tree(root: Path) -> dict[str, tuple[int, int]]:
 
 
 # One run of about 70 inputs, one of them a 179 Mpx image (a minute of CPU): slow.
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
 
 @pytest.fixture(scope="module")

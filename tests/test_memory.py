@@ -108,6 +108,7 @@ def _near_limit_pngs(folder: Path, count: int, width: int, height: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.reliability
 def test_near_limit_images_decode_within_the_pixel_budget_whatever_the_threads(
     prefect_server, tmp_path
 ):

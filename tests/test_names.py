@@ -38,6 +38,8 @@ from tasks.naming import (
 from tasks.shards import read_manifest
 from tasks.storage import LocalStorage, NotRegularFile, Unreadable, open_storage
 
+pytestmark = pytest.mark.reliability  # make test-reliability
+
 CURATE = str(Path(sys.executable).parent / "curate")
 PNGS = [encode(image, "PNG") for image in digit_images()[0][:8]]
 

@@ -27,6 +27,8 @@ from tasks.errors import ConfigError
 from tasks.formats import embedding_csv, read_embedding_csv
 from tasks.naming import VIDEO_EXTENSIONS, frame_name, is_video, parse_frame_name
 
+pytestmark = pytest.mark.reliability  # make test-reliability
+
 # Two budgets: an override may unset either.
 BASE = [
     "input=./photos",

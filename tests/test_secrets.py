@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 from servers import AzureServer, azure_server, make_bucket, upload
 
+pytestmark = pytest.mark.reliability  # make test-reliability
+
 CURATE = str(Path(sys.executable).parent / "curate")
 
 
