@@ -206,9 +206,14 @@ def job_result_key(step: str, job: BaseModel) -> str:
 
 
 def shard_results_folder(job_key: str) -> str:
-    """Where a check flow leaves each shard's result the moment it has it (`0.json`,
-    `1.json`, ... in the job's order), for the embed child that waits for them."""
+    """Where a check flow leaves each shard's result the moment it has it, for the embed
+    child that waits for them (see `shard_result_key`)."""
     return job_key.removesuffix(".json")
+
+
+def shard_result_key(job_key: str, position: int) -> str:
+    """The result of the job's `position`th shard (`0.json`, `1.json`, ... in its order)."""
+    return f"{shard_results_folder(job_key)}/{position}.json"
 
 
 def checked_shard(raw: dict[str, Any]) -> CheckedShard:
@@ -228,8 +233,7 @@ def _finish(
         results.append(dataclasses.asdict(future.result()))
         cached.append(future.state.name == "Cached")
         if step == "check":
-            part = f"{shard_results_folder(key)}/{position}.json"
-            output.write(part, json.dumps(results[-1]).encode())
+            output.write(shard_result_key(key, position), json.dumps(results[-1]).encode())
     report = {"shards": results, "cached": cached, "host": platform.node(), "device": device}
     output.write(key, json.dumps(report).encode())
     return key
@@ -250,11 +254,10 @@ def _checked_as_they_come(job: EmbedJob) -> Iterator[CheckedShard]:
     from prefect.runtime import flow_run
 
     output = open_storage(job.settings.output)
-    folder = shard_results_folder(job.check_results)
     pipeline = flow_run.get_parent_flow_run_id()
     looked = time.monotonic()
     for position, shard in enumerate(job.shards):
-        part = f"{folder}/{position}.json"
+        part = shard_result_key(job.check_results, position)
         while not output.exists(part):
             if pipeline and time.monotonic() - looked > PIPELINE_POLL_SECONDS:
                 looked = time.monotonic()

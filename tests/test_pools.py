@@ -273,7 +273,7 @@ def test_an_embed_job_takes_each_checked_shard_the_moment_its_check_child_writes
     import json
     import threading
 
-    from flows.steps import EmbedJob, EmbedSettings, _checked_as_they_come, shard_results_folder
+    from flows.steps import EmbedJob, EmbedSettings, _checked_as_they_come, shard_result_key
     from tasks.shards import CheckedShard, Shard
 
     shards = [Shard(i, f"id{i}", f"m{i}", 10, 100) for i in (4, 5, 6)]
@@ -284,15 +284,15 @@ def test_an_embed_job_takes_each_checked_shard_the_moment_its_check_child_writes
         check_results=key,
         settings=EmbedSettings.model_construct(output=str(tmp_path)),
     )
-    folder = tmp_path / shard_results_folder(key)
     written: dict[int, float] = {}
 
     def check_child() -> None:  # writes each shard's result a little after the last
-        folder.mkdir(parents=True)
         for position, shard in enumerate(shards):
             time.sleep(0.3)
             result = CheckedShard(shard.index, "meta", "bad", ("in",), True, 9, 1, 100, 0.1)
-            (folder / f"{position}.json").write_text(json.dumps(dataclasses.asdict(result)))
+            path = tmp_path / shard_result_key(key, position)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(dataclasses.asdict(result)))
             written[position] = time.monotonic()
 
     writer = threading.Thread(target=check_child)
